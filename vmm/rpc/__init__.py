@@ -1,0 +1,1 @@
+"""Generated protobuf modules (scripts/codegen); never edit by hand."""
