@@ -1,0 +1,1 @@
+"""/guest/<Method>: forwards guest API calls to the agent inside a VM."""

@@ -1,0 +1,62 @@
+"""The ASGI application: routes, middleware and the daemon's lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from vmm.auth import AuthMiddleware
+from vmm.daemon import Daemon
+from vmm.middleware import RequestIdMiddleware
+from vmm.prpc import PrpcBridge, error_payload
+from vmm.rpc import vmm_rpc_pb2
+from vmm.servicer import VmmServicer
+
+
+def build_app(daemon: Daemon) -> Starlette:
+    config = daemon.config
+    vmm_bridge = PrpcBridge(
+        vmm_rpc_pb2.DESCRIPTOR.services_by_name["Vmm"],
+        VmmServicer(daemon),
+        max_body=config.max_request_body,
+        strip_prefixes=("Teepod.",),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await daemon.start()
+        try:
+            yield
+        finally:
+            await daemon.stop()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            message = f"no such route: {request.method} {request.url.path}"
+            code = "NOT_FOUND"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+            code = "METHOD_NOT_ALLOWED"
+        else:
+            message, code = str(exc.detail), "HTTP_ERROR"
+        response = error_payload(message, code, exc.status_code, use_json=True)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    return Starlette(
+        routes=[vmm_bridge.route("/prpc")],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(AuthMiddleware, authenticator=daemon.authenticator),
+        ],
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+    )

@@ -1,0 +1,82 @@
+"""``vmm``: run the daemon (``vmm serve``) or check a config (``vmm check-config``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from vmm import __version__
+from vmm.config import Config, load_config, parse_address
+from vmm.exceptions import ConfigError
+
+log = logging.getLogger("vmm")
+
+
+def _config_path(explicit: Path | None) -> Path | None:
+    if explicit is not None:
+        return explicit
+    local = Path("vmm.toml")
+    return local if local.is_file() else None
+
+
+def cmd_serve(config: Config) -> int:
+    # Imported here so check-config stays light.
+    from vmm.app import build_app  # noqa: PLC0415
+    from vmm.auth import warn_if_exposed  # noqa: PLC0415
+    from vmm.daemon import Daemon  # noqa: PLC0415
+    from vmm.server import listeners, serve  # noqa: PLC0415
+
+    daemon = Daemon(config)
+    app = build_app(daemon)
+    tcp_hosts = [where for kind, where, _ in map(parse_address, config.addresses) if kind == "tcp"]
+    warn_if_exposed(daemon.authenticator, tcp_hosts)
+    with listeners(config) as sockets:
+        asyncio.run(serve(app, config, sockets))
+    return 0
+
+
+def cmd_check_config(config: Config, path: Path | None) -> int:
+    from vmm.auth import Authenticator  # noqa: PLC0415
+    from vmm.host import detect  # noqa: PLC0415
+
+    Authenticator.from_config(config.auth)
+    host = detect(config.cvm)
+    where = path or "(embedded defaults)"
+    print(f"config OK: {where}")
+    print(f"  listen: {', '.join(config.addresses)}")
+    print(f"  run_path: {config.run_path}  images: {config.image.path}")
+    print(f"  accel: {host.accel}  tee: {host.tee}  guest channel: {host.channel}")
+    print(f"  qemu: {host.qemu_path or '(not found)'} {host.qemu_version}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vmm", description=__doc__)
+    parser.add_argument(
+        "-c", "--config", type=Path, help="vmm.toml (default: ./vmm.toml if present)"
+    )
+    parser.add_argument("--version", action="version", version=f"vmm {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the daemon (the default)")
+    sub.add_parser("check-config", help="validate the config and print what it resolves to")
+    args = parser.parse_args(argv)
+    path = _config_path(args.config)
+    try:
+        config = load_config(path)
+        level = getattr(logging, config.log_level.upper())
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.command == "check-config":
+            return cmd_check_config(config, path)
+        return cmd_serve(config)
+    except ConfigError as exc:
+        print(f"vmm: configuration error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""The pRPC codec: protobuf messages to and from dstack's JSON, query strings and binary.
+
+dstack's JSON is serde over prost types, which differs from protobuf's canonical JSON mapping
+(``json_format``): field names stay snake_case, ``bytes`` are lowercase hex (``0x`` accepted on
+input), 64-bit integers are plain numbers, absent optional and message fields are ``null``, a
+missing key takes its default, an unknown key is ignored, and ``null`` for a plain scalar is an
+error. So this module walks the descriptors itself instead of using ``json_format``.
+
+Every decoding error is an ``InvalidField`` naming the field path (``ports[0].host_port``) and the
+reason, so a caller sees exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, cast
+from urllib.parse import parse_qsl
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+from google.protobuf.message import Message
+
+from vmm.exceptions import DecodeError, InvalidField
+
+EMPTY_FULL_NAME = "google.protobuf.Empty"
+
+_INT_RANGES: dict[int, tuple[str, int, int]] = {
+    FieldDescriptor.TYPE_INT32: ("int32", -(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: ("int32", -(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: ("int32", -(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: ("uint32", 0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: ("uint32", 0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: ("int64", -(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: ("int64", -(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: ("int64", -(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: ("uint64", 0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: ("uint64", 0, 2**64 - 1),
+}
+_FLOATS = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def to_json_value(message: Message) -> Any:
+    """Return the JSON-ready value of a message (``None`` for ``Empty``)."""
+    if message.DESCRIPTOR.full_name == EMPTY_FULL_NAME:
+        return None
+    return _message_to_dict(message)
+
+
+def to_json_bytes(message: Message) -> bytes:
+    """Encode a message as compact JSON bytes, as dstack answers a successful call."""
+    return json.dumps(to_json_value(message), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _message_to_dict(message: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field in _descriptor(message).fields:
+        value = getattr(message, field.name)
+        if field.is_repeated:
+            out[field.name] = [_value_to_json(field, item) for item in value]
+        elif field.has_presence and not message.HasField(field.name):
+            out[field.name] = None
+        else:
+            out[field.name] = _value_to_json(field, value)
+    return out
+
+
+def _value_to_json(field: FieldDescriptor, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return _message_to_dict(value)
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return bytes(value).hex()
+    if field.type in _FLOATS and not math.isfinite(value):
+        # JSON has no NaN/Infinity; serde_json writes null for them.
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def from_json_bytes(body: bytes, message_class: type[Message]) -> Message:
+    """Decode a JSON request body. An empty body or ``null`` is the default message."""
+    if not body.strip():
+        return message_class()
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DecodeError(f"malformed JSON body: {exc}") from None
+    return from_json_value(value, message_class)
+
+
+def from_json_value(value: Any, message_class: type[Message]) -> Message:
+    """Build a message from an already-parsed JSON value."""
+    message = message_class()
+    if message.DESCRIPTOR.full_name == EMPTY_FULL_NAME or value is None:
+        return message
+    _fill_message(message, value, path="", from_query=False)
+    return message
+
+
+def from_query_string(query: str, message_class: type[Message]) -> Message:
+    """Build a message from a GET query string, serde_qs style (``a[b][0]=x``).
+
+    Values arrive as strings and are converted by the field's type. Keys that name no field
+    (``json``, ``token``) are ignored like any unknown key.
+    """
+    message = message_class()
+    if message.DESCRIPTOR.full_name == EMPTY_FULL_NAME:
+        return message
+    tree = _parse_query_tree(query)
+    _fill_message(message, tree, path="", from_query=True)
+    return message
+
+
+def from_protobuf_bytes(body: bytes, message_class: type[Message]) -> Message:
+    """Decode a binary protobuf body. Unknown fields are skipped; empty is the default."""
+    message = message_class()
+    try:
+        message.ParseFromString(body)
+    except ProtobufDecodeError as exc:
+        name = message.DESCRIPTOR.name
+        raise DecodeError(f"malformed protobuf body for {name}: {exc}") from None
+    # prost drops what it does not know; so do we, so nothing unknown is ever re-encoded.
+    message.DiscardUnknownFields()
+    return message
+
+
+def _fill_message(message: Message, value: Any, path: str, *, from_query: bool) -> None:
+    descriptor = _descriptor(message)
+    if not isinstance(value, dict):
+        reason = f"expected a JSON object for {descriptor.name}, got {_json_type(value)}"
+        if path:
+            raise InvalidField(path, reason)
+        raise DecodeError(f"the request body must be a JSON object: {reason}")
+    for key, item in value.items():
+        field = descriptor.fields_by_name.get(key)
+        if field is None:
+            continue
+        field_path = f"{path}.{key}" if path else key
+        _fill_field(message, field, item, field_path, from_query=from_query)
+
+
+def _fill_field(
+    message: Message, field: FieldDescriptor, value: Any, path: str, *, from_query: bool
+) -> None:
+    if field.is_repeated:
+        if from_query and not isinstance(value, list):
+            value = [value]
+        if not isinstance(value, list):
+            raise InvalidField(path, f"expected an array, got {_json_type(value)}")
+        container = getattr(message, field.name)
+        for index, item in enumerate(value):
+            item_path = f"{path}[{index}]"
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                if item is None:
+                    raise InvalidField(item_path, "expected an object, got null")
+                _fill_message(container.add(), item, item_path, from_query=from_query)
+            else:
+                container.append(_scalar(field, item, item_path, from_query=from_query))
+        return
+    if value is None:
+        if field.has_presence:
+            return  # an absent optional or message field
+        raise InvalidField(path, f"null is not a valid {_type_name(field)}")
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        child = getattr(message, field.name)
+        child.SetInParent()
+        _fill_message(child, value, path, from_query=from_query)
+        return
+    setattr(message, field.name, _scalar(field, value, path, from_query=from_query))
+
+
+def _scalar(field: FieldDescriptor, value: Any, path: str, *, from_query: bool) -> Any:
+    kind = field.type
+    if from_query and isinstance(value, str):
+        value = _coerce_query_scalar(field, value, path)
+    if kind == FieldDescriptor.TYPE_STRING:
+        if not isinstance(value, str):
+            raise InvalidField(path, f"expected a string, got {_json_type(value)}")
+        return value
+    if kind == FieldDescriptor.TYPE_BOOL:
+        if not isinstance(value, bool):
+            raise InvalidField(path, f"expected true or false, got {_json_type(value)}")
+        return value
+    if kind == FieldDescriptor.TYPE_BYTES:
+        return _hex_bytes(value, path)
+    if kind in _INT_RANGES:
+        name, low, high = _INT_RANGES[kind]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidField(path, f"expected an integer ({name}), got {_json_type(value)}")
+        if not low <= value <= high:
+            raise InvalidField(path, f"{value} is out of range for {name} ({low}..{high})")
+        return value
+    if kind in _FLOATS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidField(path, f"expected a number, got {_json_type(value)}")
+        return float(value)
+    raise InvalidField(path, f"unsupported field type {kind}")  # no enums in these protos
+
+
+def _coerce_query_scalar(field: FieldDescriptor, text: str, path: str) -> Any:
+    kind = field.type
+    if kind == FieldDescriptor.TYPE_BOOL:
+        if text in ("true", "false"):
+            return text == "true"
+        raise InvalidField(path, f"expected true or false, got {text!r}")
+    if kind in _INT_RANGES:
+        try:
+            return int(text, 10)
+        except ValueError:
+            raise InvalidField(path, f"expected an integer, got {text!r}") from None
+    if kind in _FLOATS:
+        try:
+            return float(text)
+        except ValueError:
+            raise InvalidField(path, f"expected a number, got {text!r}") from None
+    return text
+
+
+def _hex_bytes(value: Any, path: str) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidField(path, f"expected a hex string, got {_json_type(value)}")
+    text = value
+    while text[:2] in ("0x", "0X"):
+        text = text[2:]
+    if len(text) % 2:
+        raise InvalidField(path, "hex string has an odd number of digits")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise InvalidField(path, f"not a hex string: {value[:64]!r}") from None
+
+
+def _parse_query_tree(query: str) -> Any:
+    """Turn ``a=1&b[c]=2&d[0]=x&d[1]=y`` into nested dicts and lists of strings."""
+    root: dict[str, Any] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False)
+    except ValueError as exc:
+        raise DecodeError(f"malformed query string: {exc}") from None
+    for raw_key, raw_value in pairs:
+        segments = _key_segments(raw_key)
+        node: dict[str, Any] = root
+        for segment in segments[:-1]:
+            child = node.get(segment)
+            if not isinstance(child, dict):
+                child = {}
+                node[segment] = child
+            node = child
+        last = segments[-1]
+        if last in node and not isinstance(node[last], dict):
+            existing = node[last]
+            node[last] = [*existing, raw_value] if isinstance(existing, list) else [
+                existing,
+                raw_value,
+            ]
+        else:
+            node[last] = raw_value
+    return _lists_from_index_dicts(root)
+
+
+def _key_segments(key: str) -> list[str]:
+    head, bracket, rest = key.partition("[")
+    segments = [head]
+    if bracket:
+        for part in rest.split("["):
+            segments.append(part.rstrip("]"))
+    return segments
+
+
+def _lists_from_index_dicts(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    converted = {key: _lists_from_index_dicts(value) for key, value in node.items()}
+    if converted and all(key == "" or key.isdigit() for key in converted):
+        items: list[Any] = []
+        ordered = sorted(converted.items(), key=lambda kv: int(kv[0]) if kv[0] else -1)
+        for _, value in ordered:
+            items.extend(value if isinstance(value, list) else [value])
+        return items
+    return converted
+
+
+def _descriptor(message: Message) -> Descriptor:
+    # The C (upb) descriptor types are stubbed separately from the Python ones; same API.
+    return cast(Descriptor, message.DESCRIPTOR)
+
+
+def _type_name(field: FieldDescriptor) -> str:
+    if field.type in _INT_RANGES:
+        return _INT_RANGES[field.type][0]
+    return {
+        FieldDescriptor.TYPE_STRING: "string",
+        FieldDescriptor.TYPE_BOOL: "bool",
+        FieldDescriptor.TYPE_BYTES: "bytes (hex string)",
+    }.get(field.type, "number")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

@@ -1,0 +1,354 @@
+"""The daemon's configuration: vmm.toml loaded into typed, frozen objects.
+
+The defaults below ARE the embedded default config; ``vmm.toml.example`` lists every key with
+its default (a test keeps the two in step). Keys follow the dstack VMM's vmm.toml where a key
+applies here; keys that are ours (``cvm.accel``, ``cvm.cpu``, ``cvm.guest_channel``,
+``max_request_body`` …) say so in the example file.
+
+Relative paths are relative to the daemon's working directory, as in dstack.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from vmm._typed_toml import Size, build
+from vmm.exceptions import ConfigError
+
+DEFAULT_ADDRESS = "tcp:127.0.0.1:9080"
+STATE_DIR = "./.state"
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    path: str = f"{STATE_DIR}/images"
+    registry: str = ""
+
+
+@dataclass(frozen=True)
+class ProductConfig:
+    """SMBIOS strings passed to QEMU (``-smbios type=0..3``); empty means not set."""
+
+    sys_vendor: str = "dstack"
+    product_name: str = "dstack"
+    bios_vendor: str = ""
+    bios_version: str = ""
+    bios_date: str = ""
+    bios_release: str = ""
+    product_version: str = ""
+    product_serial: str = ""
+    product_uuid: str = ""
+    product_family: str = ""
+    product_sku: str = ""
+    board_vendor: str = ""
+    board_name: str = ""
+    board_version: str = ""
+    board_serial: str = ""
+    board_asset_tag: str = ""
+    chassis_vendor: str = ""
+    chassis_version: str = ""
+    chassis_serial: str = ""
+    chassis_asset_tag: str = ""
+
+
+@dataclass(frozen=True)
+class NetworkingConfig:
+    mode: Literal["user", "bridge", "custom"] = "user"
+    net: str = "10.0.2.0/24"
+    dhcp_start: str = "10.0.2.10"
+    restrict: bool = False
+    bridge: str = ""
+    mac_prefix: str = ""
+    netdev: str = ""
+
+
+@dataclass(frozen=True)
+class PortRange:
+    protocol: Literal["tcp", "udp"] = "tcp"
+    from_port: int = field(default=1, metadata={"toml": "from"})
+    to_port: int = field(default=20000, metadata={"toml": "to"})
+
+
+@dataclass(frozen=True)
+class PortMappingConfig:
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    range: tuple[PortRange, ...] = (PortRange(),)
+
+
+@dataclass(frozen=True)
+class AutoRestartConfig:
+    enabled: bool = True
+    interval: int = 20
+    max_retries: int = 5
+    initial_backoff: int = 5
+    max_backoff: int = 300
+    reset_window: int = 300
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    max_bytes: Size = 4 * 1024 * 1024
+    max_backups: int = 3
+    check_interval_secs: int = 5
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    enabled: bool = False
+    listing: tuple[str, ...] = ("10de:2335",)
+    exclude: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    allow_attach_all: bool = True
+
+
+@dataclass(frozen=True)
+class CvmConfig:
+    qemu_path: str = ""
+    # auto picks the TEE the host has (TDX or SEV-SNP), else none.
+    platform: Literal["auto", "tdx", "sev-snp", "amd-sev-snp", "none"] = "auto"
+    # auto picks KVM only where the CPU has vmx/svm and /dev/kvm works, else TCG.
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    # "" picks host (KVM), EPYC-v4 (SEV-SNP) or max (TCG).
+    cpu: str = ""
+    # auto picks vsock where /dev/vhost-vsock exists, else virtio-serial over Unix sockets.
+    guest_channel: Literal["auto", "vsock", "serial"] = "auto"
+    kms_urls: tuple[str, ...] = ("http://127.0.0.1:8081",)
+    gateway_urls: tuple[str, ...] = ("http://127.0.0.1:8082",)
+    pccs_url: str = ""
+    docker_registry: str = ""
+    volumes_dir: str = ""
+    cid_start: int = 1000
+    cid_pool_size: int = 1000
+    max_allocable_vcpu: int = 20
+    max_allocable_memory_in_mb: int = 100000
+    max_disk_size_gb: int = 4096
+    min_memory_mb: int = 64
+    qmp_socket: bool = True
+    user: str = ""
+    instance_id: str = ""
+    use_mrconfigid: bool = True
+    qemu_pci_hole64_size: Size = 0
+    qemu_hotplug_off: bool = False
+    tdx_attestation_variant: Literal["auto", "legacy", "lite"] = "auto"
+    host_share_mode: Literal["9p", "vhd", "vvfat"] = "9p"
+    qgs_port: int = 4050
+    shutdown_timeout: int = 60
+    product: ProductConfig = ProductConfig()
+    networking: NetworkingConfig = NetworkingConfig()
+    port_mapping: PortMappingConfig = PortMappingConfig()
+    auto_restart: AutoRestartConfig = AutoRestartConfig()
+    log: LogConfig = LogConfig()
+    gpu: GpuConfig = GpuConfig()
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    base_domain: str = "localhost"
+    port: int = 8082
+    agent_port: int = 8090
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool = False
+    tokens: tuple[str, ...] = ()
+    htpasswd_file: str = ""
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    sock: str = f"{STATE_DIR}/run/supervisor.sock"
+    pid_file: str = f"{STATE_DIR}/run/supervisor.pid"
+    log_file: str = f"{STATE_DIR}/run/supervisor.log"
+    state_file: str = f"{STATE_DIR}/run/supervisor-state.json"
+    auto_start: bool = True
+
+
+@dataclass(frozen=True)
+class HostApiConfig:
+    ident: str = "dstack VMM"
+    address: str = "vsock:2"
+    port: int = 10000
+
+
+@dataclass(frozen=True)
+class KeyProviderConfig:
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = 3443
+
+
+@dataclass(frozen=True)
+class Config:
+    # One listen address, or several served by the same process: "tcp:HOST:PORT" | "unix:PATH".
+    address: str | tuple[str, ...] = DEFAULT_ADDRESS
+    kms_url: str = "http://127.0.0.1:8081"
+    event_buffer_size: int = 20
+    node_name: str = ""
+    run_path: str = f"{STATE_DIR}/vm"
+    max_request_body: Size = 10 * 1024 * 1024
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    image: ImageConfig = ImageConfig()
+    cvm: CvmConfig = CvmConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    auth: AuthConfig = AuthConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    host_api: HostApiConfig = HostApiConfig()
+    key_provider: KeyProviderConfig = KeyProviderConfig()
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return (self.address,) if isinstance(self.address, str) else self.address
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Load ``path`` over the embedded defaults and validate it; raise ConfigError if bad."""
+    if path is None:
+        return validate(Config())
+    try:
+        with path.open("rb") as fp:
+            table = tomllib.load(fp)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return validate(parse_config(table))
+
+
+def parse_config(table: dict[str, object]) -> Config:
+    return build(Config, table)
+
+
+def validate(config: Config) -> Config:
+    """Check what types alone cannot; every message names the key."""
+    if not config.addresses:
+        raise ConfigError("`address`: at least one listen address is required")
+    for address in config.addresses:
+        parse_address(address)
+    _check_url("kms_url", config.kms_url, allow_empty=True)
+    _positive("event_buffer_size", config.event_buffer_size)
+    if config.max_request_body < 1024:
+        raise ConfigError("`max_request_body`: must be at least 1K")
+    cvm = config.cvm
+    if cvm.cid_start < 3:
+        raise ConfigError("`cvm.cid_start`: must be >= 3 (0-2 are reserved by vsock)")
+    _positive("cvm.cid_pool_size", cvm.cid_pool_size)
+    if cvm.cid_start + cvm.cid_pool_size > 2**32 - 1:
+        raise ConfigError("`cvm.cid_pool_size`: cid_start + cid_pool_size overflows 32 bits")
+    _positive("cvm.max_allocable_vcpu", cvm.max_allocable_vcpu)
+    _positive("cvm.max_allocable_memory_in_mb", cvm.max_allocable_memory_in_mb)
+    _positive("cvm.max_disk_size_gb", cvm.max_disk_size_gb)
+    _positive("cvm.min_memory_mb", cvm.min_memory_mb)
+    _positive("cvm.shutdown_timeout", cvm.shutdown_timeout)
+    for i, url in enumerate(cvm.kms_urls):
+        _check_url(f"cvm.kms_urls[{i}]", url)
+    for i, url in enumerate(cvm.gateway_urls):
+        _check_url(f"cvm.gateway_urls[{i}]", url)
+    _check_url("cvm.pccs_url", cvm.pccs_url, allow_empty=True)
+    restart = cvm.auto_restart
+    _positive("cvm.auto_restart.interval", restart.interval)
+    if restart.initial_backoff > restart.max_backoff:
+        raise ConfigError(
+            "`cvm.auto_restart.initial_backoff`: must not exceed cvm.auto_restart.max_backoff"
+        )
+    for i, port_range in enumerate(cvm.port_mapping.range):
+        key = f"cvm.port_mapping.range[{i}]"
+        if not 1 <= port_range.from_port <= port_range.to_port <= 65535:
+            raise ConfigError(f"`{key}`: need 1 <= from <= to <= 65535")
+    _check_ip("cvm.port_mapping.address", cvm.port_mapping.address)
+    net = cvm.networking
+    try:
+        network = ipaddress.IPv4Network(net.net, strict=True)
+        if ipaddress.IPv4Address(net.dhcp_start) not in network:
+            raise ConfigError("`cvm.networking.dhcp_start`: must be inside cvm.networking.net")
+    except ValueError as exc:
+        raise ConfigError(f"`cvm.networking.net`/`dhcp_start`: {exc}") from None
+    parse_mac_prefix(net.mac_prefix)
+    if net.mode == "bridge" and not net.bridge:
+        raise ConfigError("`cvm.networking.bridge`: required when cvm.networking.mode = \"bridge\"")
+    if net.mode == "custom" and not net.netdev:
+        raise ConfigError("`cvm.networking.netdev`: required when cvm.networking.mode = \"custom\"")
+    if cvm.log.max_backups < 0:
+        raise ConfigError("`cvm.log.max_backups`: must be >= 0")
+    _positive("cvm.log.check_interval_secs", cvm.log.check_interval_secs)
+    if not config.supervisor.sock:
+        raise ConfigError("`supervisor.sock`: must not be empty")
+    if not 0 < config.host_api.port < 2**32:
+        raise ConfigError("`host_api.port`: must be a positive 32-bit port")
+    return config
+
+
+def parse_address(address: str) -> tuple[Literal["tcp", "unix"], str, int]:
+    """Parse ``tcp:HOST:PORT``, ``tcp:HOST`` (port 8000) or ``unix:PATH``.
+
+    Returns (kind, host or path, port).
+    """
+    text = address.strip()
+    kind, sep, rest = text.partition(":")
+    kind = kind.lower()
+    if not sep or kind not in ("tcp", "unix") or not rest:
+        raise ConfigError(
+            f"`address`: {address!r} is not \"tcp:HOST:PORT\" or \"unix:PATH\""
+        )
+    if kind == "unix":
+        return "unix", rest, 0
+    host, port = rest, 8000
+    if rest.startswith("["):  # [::1]:9080
+        end = rest.find("]")
+        if end < 0:
+            raise ConfigError(f"`address`: unterminated IPv6 literal in {address!r}")
+        host, tail = rest[1:end], rest[end + 1 :]
+        if tail:
+            port = _port(tail.removeprefix(":"), address)
+    elif rest.count(":") == 1:
+        host, port_text = rest.split(":")
+        port = _port(port_text, address)
+    _check_ip("address", host)
+    return "tcp", host, port
+
+
+def parse_mac_prefix(prefix: str) -> bytes:
+    """Parse ``cvm.networking.mac_prefix``: 0 to 3 hex bytes, ``:``/``-`` separated or not."""
+    digits = prefix.replace(":", "").replace("-", "")
+    try:
+        value = bytes.fromhex(digits)
+    except ValueError:
+        raise ConfigError(f"`cvm.networking.mac_prefix`: not hex bytes: {prefix!r}") from None
+    if len(value) > 3:
+        raise ConfigError("`cvm.networking.mac_prefix`: at most 3 bytes")
+    return value
+
+
+def _port(text: str, address: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise ConfigError(f"`address`: bad port in {address!r}")
+    return int(text)
+
+
+def _check_ip(key: str, host: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(f"`{key}`: {host!r} is not an IP address") from None
+
+
+def _check_url(key: str, url: str, *, allow_empty: bool = False) -> None:
+    if not url and allow_empty:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"`{key}`: {url!r} is not an http(s) URL with a host")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"`{key}`: must be > 0, got {value}")

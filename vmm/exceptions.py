@@ -1,0 +1,119 @@
+"""Every error the daemon raises on purpose, in one place.
+
+Each class carries the HTTP status a caller sees and a stable machine-readable code. The /prpc
+bridge turns any of them into ``{"error", "message", "code"}`` (JSON) or ``PrpcError`` (protobuf);
+anything that is not a ``VmmError`` is a bug and becomes a logged 500.
+
+    VmmError
+    ├── BadRequest (400, ValueError)        bad input; names the field and the reason
+    │   ├── InvalidField                    one request field is wrong
+    │   ├── UnknownMethod                   /prpc/<Method> names no RPC
+    │   └── DecodeError                     the body is not valid JSON / protobuf for the method
+    ├── PayloadTooLarge (413)               the body is over the configured limit
+    ├── Unauthorized (401)                  missing or wrong credentials
+    ├── NotFound (404, LookupError)         unknown VM (or other named object)
+    ├── Conflict (409)                      the VM is in the wrong state for the call
+    ├── ResourceExhausted (409)             a limit (CIDs, vCPUs, memory, ports) is reached
+    ├── NotImplementedYet (501)             the RPC exists but is not built yet
+    ├── Unavailable (503)                   a dependency (KMS, guest agent, supervisor) is down
+    ├── ConfigError (ValueError)            vmm.toml is invalid; raised at start, names the key
+    └── SupervisorError                     the supervisor refused or failed a request
+"""
+
+from __future__ import annotations
+
+
+class VmmError(Exception):
+    """Base class: an error with a status code and a stable code for clients."""
+
+    status_code: int = 500
+    code: str = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(VmmError, ValueError):
+    status_code = 400
+    code = "INVALID_ARGUMENT"
+
+
+class InvalidField(BadRequest):
+    """One field of a request is wrong; the message names it and says why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"invalid field `{field}`: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class UnknownMethod(BadRequest):
+    code = "UNKNOWN_METHOD"
+
+    def __init__(self, method: str) -> None:
+        super().__init__(f"unknown method: {method!r}")
+        self.method = method
+
+
+class DecodeError(BadRequest):
+    code = "DECODE_ERROR"
+
+
+class PayloadTooLarge(VmmError):
+    status_code = 413
+    code = "PAYLOAD_TOO_LARGE"
+
+
+class Unauthorized(VmmError):
+    status_code = 401
+    code = "UNAUTHENTICATED"
+
+
+class NotFound(VmmError, LookupError):
+    status_code = 404
+    code = "NOT_FOUND"
+
+
+class VmNotFound(NotFound):
+    code = "VM_NOT_FOUND"
+
+    def __init__(self, vm_id: str) -> None:
+        super().__init__(f"VM not found: {vm_id!r}")
+        self.vm_id = vm_id
+
+
+class Conflict(VmmError):
+    status_code = 409
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(VmmError):
+    status_code = 409
+    code = "RESOURCE_EXHAUSTED"
+
+
+class NotImplementedYet(VmmError):
+    status_code = 501
+    code = "UNIMPLEMENTED"
+
+    def __init__(self, method: str) -> None:
+        super().__init__(f"{method} is not implemented yet")
+
+
+class Unavailable(VmmError):
+    status_code = 503
+    code = "UNAVAILABLE"
+
+
+class ConfigError(VmmError, ValueError):
+    """The configuration is invalid. Raised before the daemon serves anything."""
+
+    code = "CONFIG"
+
+
+class SupervisorError(VmmError):
+    """The supervisor process refused a request or could not be reached."""
+
+    status_code = 500
+    code = "SUPERVISOR"

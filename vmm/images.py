@@ -1,0 +1,167 @@
+"""Guest images: directories holding dstack's ``metadata.json`` and the files it names.
+
+An image directory is ``<image.path>/<name>/``. Its metadata names the kernel, initrd and
+optional rootfs, hda, bios; every path is relative and must resolve to a file inside the
+directory. A broken image is skipped by ListImages with a logged reason; it never fails the call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmm.exceptions import BadRequest, InvalidField, NotFound
+
+log = logging.getLogger(__name__)
+
+IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_VERSION_FROM_NAME = re.compile(r"^dstack(?:-dev)?-(\d+\.\d+\.\d+)")
+MIN_VERSION = (0, 5, 0)
+
+
+class ImageError(BadRequest):
+    """An image directory cannot be used; the message says why."""
+
+    code = "BAD_IMAGE"
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    path: Path
+    metadata: dict[str, Any]
+    version: str
+    is_dev: bool
+    shared_ro: bool
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    rootfs: Path | None
+    hda: Path | None
+    bios: Path | None
+    bios_sev: Path | None
+
+    @property
+    def description(self) -> str:
+        return json.dumps(self.metadata, sort_keys=True)
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        return parse_version(self.version)
+
+
+def validate_image_name(name: str, field: str = "image") -> str:
+    if not name:
+        raise InvalidField(field, "is required")
+    if ".." in name or not IMAGE_NAME_RE.match(name):
+        raise InvalidField(
+            field, f"{name!r} is not a valid image name (1-64 of A-Z a-z 0-9 _ . -, no '..')"
+        )
+    return name
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    parts = text.split("-", maxsplit=1)[0].split("+", maxsplit=1)[0].split(".")
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise ImageError(f"bad image version {text!r}") from None
+
+
+def load_image(images_dir: Path, name: str) -> Image:
+    """Load and check one image; raise NotFound or ImageError with the reason."""
+    validate_image_name(name)
+    path = images_dir / name
+    meta_path = path / "metadata.json"
+    if not meta_path.is_file():
+        raise NotFound(f"image not found: {name!r} (no {meta_path})")
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ImageError(f"image {name!r}: unreadable metadata.json: {exc}") from None
+    if not isinstance(metadata, dict):
+        raise ImageError(f"image {name!r}: metadata.json is not a JSON object")
+
+    def text(key: str, default: str = "") -> str:
+        value = metadata.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise ImageError(f"image {name!r}: metadata `{key}` must be a string")
+        return value
+
+    def flag(key: str, default: bool) -> bool:
+        value = metadata.get(key, default)
+        if not isinstance(value, bool):
+            raise ImageError(f"image {name!r}: metadata `{key}` must be true or false")
+        return value
+
+    def artifact(key: str, *, required: bool) -> Path | None:
+        rel = text(key)
+        if not rel:
+            if required:
+                raise ImageError(f"image {name!r}: metadata `{key}` is required")
+            return None
+        candidate = (path / rel).resolve()
+        if Path(rel).is_absolute() or not candidate.is_relative_to(path.resolve()):
+            raise ImageError(f"image {name!r}: `{key}` must be a path inside the image directory")
+        if not candidate.is_file():
+            raise ImageError(f"image {name!r}: `{key}` file {rel!r} does not exist")
+        return candidate
+
+    version = text("version")
+    if not version:
+        match = _VERSION_FROM_NAME.match(name)
+        if not match:
+            raise ImageError(f"image {name!r}: metadata has no `version`")
+        version = match.group(1)
+    if parse_version(version) < MIN_VERSION:
+        raise ImageError(f"image {name!r}: unsupported image version {version} (need >= 0.5.0)")
+    rootfs = artifact("rootfs", required=False)
+    if rootfs is not None and rootfs.suffix == ".iso":
+        raise ImageError(f"image {name!r}: an ISO rootfs is not supported for version >= 0.5.0")
+    return Image(
+        name=name,
+        path=path,
+        metadata=metadata,
+        version=version,
+        is_dev=flag("is_dev", False),
+        shared_ro=flag("shared_ro", False),
+        kernel=_required(artifact("kernel", required=True)),
+        initrd=_required(artifact("initrd", required=True)),
+        cmdline=text("cmdline"),
+        rootfs=rootfs,
+        hda=artifact("hda", required=False),
+        bios=artifact("bios", required=False),
+        bios_sev=artifact("bios-sev", required=False),
+    )
+
+
+def list_images(images_dir: Path) -> list[Image]:
+    """Every loadable image, sorted by name; broken ones are logged and skipped."""
+    try:
+        entries = sorted(p for p in images_dir.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("cannot list image directory %s: %s", images_dir, exc)
+        return []
+    images = []
+    for entry in entries:
+        if not IMAGE_NAME_RE.match(entry.name):
+            log.warning("skipping image %r: not a valid image name", entry.name)
+            continue
+        try:
+            images.append(load_image(images_dir, entry.name))
+        except (ImageError, NotFound) as exc:
+            log.warning("skipping image %r: %s", entry.name, exc.message)
+    return images
+
+
+def _required(path: Path | None) -> Path:
+    assert path is not None
+    return path

@@ -1,0 +1,180 @@
+"""The pRPC bridge: ``GET|POST <mount>/<Method>`` dispatched to one servicer object.
+
+The route table comes from the service descriptor, never from a hand-written list: every method
+of the service is served, and the servicer must implement each one (checked when the bridge is
+built). A servicer method has the signature ``async def Method(self, request, ctx) -> response``.
+
+Encoding follows dstack's pRPC rules: JSON when the request is a GET, has ``?json`` (empty,
+``true`` or ``1``), or has a JSON content type; otherwise protobuf binary. The answer uses the
+request's encoding, and so do errors: ``{"error", "message", "code"}`` or ``prpc.PrpcError``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from vmm import codec
+from vmm.exceptions import PayloadTooLarge, UnknownMethod, VmmError
+from vmm.rpc import prpc_pb2
+
+log = logging.getLogger(__name__)
+
+JSON_TYPE = "application/json"
+PROTOBUF_TYPE = "application/octet-stream"
+LEGACY_PREFIX = "Teepod."
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What a servicer may want to know about the caller."""
+
+    request_id: str
+    client: str
+    headers: dict[str, str]
+
+
+class Handler(Protocol):
+    def __call__(self, request: Message, ctx: CallContext) -> Awaitable[Message]: ...
+
+
+@dataclass(frozen=True)
+class _Method:
+    name: str
+    input_class: type[Message]
+    output_class: type[Message]
+    handler: Callable[[Message, CallContext], Awaitable[Message]]
+
+
+class PrpcBridge:
+    """Serve one protobuf service at a mount point (``/prpc``, ``/guest``, ``/api``)."""
+
+    def __init__(
+        self,
+        service: ServiceDescriptor,
+        servicer: object,
+        *,
+        max_body: int,
+        strip_prefixes: tuple[str, ...] = (),
+    ) -> None:
+        self.service = service
+        self.max_body = max_body
+        self.strip_prefixes = strip_prefixes
+        self.methods = {m.name: self._bind(m, servicer) for m in service.methods}
+
+    @staticmethod
+    def _bind(method: MethodDescriptor, servicer: object) -> _Method:
+        handler = getattr(servicer, method.name, None)
+        if not callable(handler):
+            owner = type(servicer).__name__
+            service = method.containing_service.name
+            raise TypeError(f"{owner} does not implement {service}.{method.name}")
+        return _Method(
+            name=method.name,
+            input_class=GetMessageClass(method.input_type),
+            output_class=GetMessageClass(method.output_type),
+            handler=handler,
+        )
+
+    def route(self, mount: str) -> Route:
+        return Route(f"{mount}/{{method}}", self.endpoint, methods=["GET", "POST"])
+
+    def resolve(self, name: str) -> _Method:
+        for prefix in self.strip_prefixes:
+            while name.startswith(prefix):
+                name = name[len(prefix) :]
+        method = self.methods.get(name)
+        if method is None:
+            raise UnknownMethod(name)
+        return method
+
+    async def endpoint(self, request: Request) -> Response:
+        use_json = wants_json(request)
+        try:
+            method = self.resolve(request.path_params["method"])
+            message = await self._decode(request, method, use_json=use_json)
+            result = await method.handler(message, call_context(request))
+            if not isinstance(result, method.output_class):
+                raise TypeError(
+                    f"{method.name} returned {type(result).__name__}, "
+                    f"expected {method.output_class.__name__}"
+                )
+        except VmmError as exc:
+            return error_response(exc, use_json=use_json)
+        return encode_response(result, use_json=use_json)
+
+    async def _decode(self, request: Request, method: _Method, *, use_json: bool) -> Message:
+        if request.method == "GET":
+            return codec.from_query_string(request.url.query, method.input_class)
+        body = await read_body(request, self.max_body)
+        if use_json:
+            return codec.from_json_bytes(body, method.input_class)
+        return codec.from_protobuf_bytes(body, method.input_class)
+
+
+def wants_json(request: Request) -> bool:
+    if request.method == "GET":
+        return True
+    if "json" in request.query_params and request.query_params["json"] in ("", "true", "1"):
+        return True
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return content_type in (JSON_TYPE, "text/json") or content_type.endswith("+json")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the request body, refusing (and reading no further) past ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"payload too large: {declared} bytes (limit {limit})")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"payload too large: more than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def call_context(request: Request) -> CallContext:
+    client = request.client
+    return CallContext(
+        request_id=getattr(request.state, "request_id", ""),
+        client=f"{client.host}:{client.port}" if client else "unix",
+        headers={k.lower(): v for k, v in request.headers.items()},
+    )
+
+
+def encode_response(message: Message, *, use_json: bool) -> Response:
+    if use_json:
+        return Response(codec.to_json_bytes(message), media_type=JSON_TYPE)
+    return Response(message.SerializeToString(), media_type=PROTOBUF_TYPE)
+
+
+def error_response(exc: VmmError, *, use_json: bool) -> Response:
+    return error_payload(exc.message, exc.code, exc.status_code, use_json=use_json)
+
+
+def error_payload(message: str, code: str, status: int, *, use_json: bool) -> Response:
+    if use_json:
+        body: dict[str, Any] = {"error": message, "message": message, "code": code}
+        return Response(
+            json.dumps(body, indent=2, ensure_ascii=False).encode(),
+            status_code=status,
+            media_type=JSON_TYPE,
+        )
+    return Response(
+        prpc_pb2.PrpcError(message=message).SerializeToString(),
+        status_code=status,
+        media_type=PROTOBUF_TYPE,
+    )

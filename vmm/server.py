@@ -1,0 +1,142 @@
+"""Listeners: bind every configured address and serve the app on all of them in one process.
+
+Sockets are bound here rather than by uvicorn because uvicorn's ``uds`` mode makes the socket
+world-writable; ours is 0600 from the moment it exists (the umask is tightened around bind).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from vmm.config import Config, parse_address
+from vmm.exceptions import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must be IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted sockets
+    # whose proto says TCP, and without it every response stalls ~40 ms on delayed ACKs.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror
+        raise ConfigError(f"`address`: cannot listen on tcp:{host}:{port}: {reason}") from None
+    sock.listen(1024)
+    sock.set_inheritable(False)
+    return sock
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """Bind a 0600 Unix socket, replacing a stale socket file but never a live one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ConfigError(f"`address`: {path} exists and is not a socket; not replacing it")
+        if _socket_is_live(path):
+            raise ConfigError(f"`address`: another process is already listening on unix:{path}")
+        log.info("removing stale socket %s", path)
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"`address`: cannot listen on unix:{path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    path.chmod(0o600)
+    sock.listen(1024)
+    sock.set_inheritable(False)
+    return sock
+
+
+def _socket_is_live(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+    return True
+
+
+@contextlib.contextmanager
+def listeners(config: Config) -> Iterator[list[socket.socket]]:
+    sockets: list[socket.socket] = []
+    unix_paths: list[Path] = []
+    try:
+        for address in config.addresses:
+            kind, where, port = parse_address(address)
+            if kind == "tcp":
+                sockets.append(bind_tcp(where, port))
+            else:
+                path = Path(where).absolute()
+                sockets.append(bind_unix(path))
+                unix_paths.append(path)
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+        for path in unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def describe(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name}"
+    return f"tcp:{name[0]}:{name[1]}"
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server whose signals only ask it to exit.
+
+    uvicorn re-raises SIGTERM after shutting down, killing the process before our cleanup
+    (removing the socket file) runs.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+async def serve(app: ASGIApp, config: Config, sockets: list[socket.socket]) -> None:
+    server_config = uvicorn.Config(
+        app,
+        log_config=None,
+        log_level=config.log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        server_header=False,
+    )
+    server = _Server(server_config)
+    for sock in sockets:
+        log.info("listening on %s", describe(sock))
+    await server.serve(sockets=sockets)

@@ -1,0 +1,180 @@
+"""The Vmm service: one method per RPC of ``vmm_rpc.proto``, served by the /prpc bridge.
+
+Methods validate their input, delegate to the daemon's parts and build the reply message. The
+bridge refuses to start if a method of the service is missing here, so no RPC can be forgotten.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from google.protobuf.empty_pb2 import Empty
+
+from vmm import compose, images
+from vmm._version import __version__, git_revision
+from vmm.exceptions import InvalidField, NotImplementedYet
+from vmm.prpc import CallContext
+from vmm.rpc import vmm_rpc_pb2 as pb
+
+if TYPE_CHECKING:
+    from vmm.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+class VmmServicer:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.config = daemon.config
+
+    # -- RPCs that need no VM --------------------------------------------------------------
+
+    async def Version(self, request: Empty, ctx: CallContext) -> pb.VersionResponse:
+        return pb.VersionResponse(version=__version__, rev=git_revision())
+
+    async def GetMeta(self, request: Empty, ctx: CallContext) -> pb.GetMetaResponse:
+        cvm = self.config.cvm
+        host = self.daemon.host
+        usage = self.daemon.resource_usage()
+        net = cvm.networking
+        modes = ["user"]
+        if net.bridge or host.bridges:
+            modes.append("bridge")
+        return pb.GetMetaResponse(
+            kms=pb.KmsSettings(url=cvm.kms_urls[0] if cvm.kms_urls else "", urls=cvm.kms_urls),
+            gateway=pb.GatewaySettings(
+                url=cvm.gateway_urls[0] if cvm.gateway_urls else "",
+                base_domain=self.config.gateway.base_domain,
+                port=self.config.gateway.port,
+                agent_port=self.config.gateway.agent_port,
+                urls=cvm.gateway_urls,
+            ),
+            resources=pb.ResourcesSettings(
+                max_cvm_number=cvm.cid_pool_size,
+                max_allocable_vcpu=cvm.max_allocable_vcpu,
+                max_allocable_memory_in_mb=cvm.max_allocable_memory_in_mb,
+                used_cvm_number=usage.vms,
+                used_vcpu=usage.vcpu,
+                used_memory_in_mb=usage.memory_mb,
+                free_cvm_number=max(cvm.cid_pool_size - usage.vms, 0),
+                free_vcpu=max(cvm.max_allocable_vcpu - usage.vcpu, 0),
+                free_memory_in_mb=max(cvm.max_allocable_memory_in_mb - usage.memory_mb, 0),
+            ),
+            networking=pb.NetworkingCapabilities(
+                supported_modes=modes,
+                default_mode="" if net.mode == "custom" else net.mode,
+                default_bridge=net.bridge,
+            ),
+            host=pb.HostCapabilities(
+                accelerator=host.accel,
+                tee_platform=host.tee,
+                guest_channel=host.channel,
+                qemu_version=host.qemu_version,
+                cpu_model=host.cpu_model,
+            ),
+        )
+
+    async def ListImages(self, request: Empty, ctx: CallContext) -> pb.ImageListResponse:
+        found = images.list_images(Path(self.config.image.path))
+        return pb.ImageListResponse(
+            images=[
+                pb.ImageInfo(
+                    name=image.name,
+                    description=image.description,
+                    version=image.version,
+                    is_dev=image.is_dev,
+                )
+                for image in found
+            ]
+        )
+
+    async def GetComposeHash(self, request: pb.VmConfiguration, ctx: CallContext) -> pb.ComposeHash:
+        compose.validate_name(request.name)
+        compose.parse_compose(request.compose_file)
+        return pb.ComposeHash(hash=compose.compose_hash(request.compose_file))
+
+    async def GetAppEnvEncryptPubKey(
+        self, request: pb.AppId, ctx: CallContext
+    ) -> pb.PublicKeyResponse:
+        if not request.app_id:
+            raise InvalidField("app_id", "is required (hex bytes)")
+        return await self.daemon.kms.get_app_env_encrypt_pub_key(request.app_id)
+
+    async def ListGpus(self, request: Empty, ctx: CallContext) -> pb.ListGpusResponse:
+        raise NotImplementedYet("ListGpus")
+
+    # -- VM lifecycle: built by the boot issue -----------------------------------------------
+
+    async def CreateVm(self, request: pb.VmConfiguration, ctx: CallContext) -> pb.Id:
+        raise NotImplementedYet("CreateVm")
+
+    async def StartVm(self, request: pb.Id, ctx: CallContext) -> Empty:
+        raise NotImplementedYet("StartVm")
+
+    async def StopVm(self, request: pb.Id, ctx: CallContext) -> Empty:
+        raise NotImplementedYet("StopVm")
+
+    async def ShutdownVm(self, request: pb.Id, ctx: CallContext) -> Empty:
+        raise NotImplementedYet("ShutdownVm")
+
+    async def RemoveVm(self, request: pb.Id, ctx: CallContext) -> Empty:
+        raise NotImplementedYet("RemoveVm")
+
+    async def Status(self, request: pb.StatusRequest, ctx: CallContext) -> pb.StatusResponse:
+        raise NotImplementedYet("Status")
+
+    async def GetInfo(self, request: pb.Id, ctx: CallContext) -> pb.GetInfoResponse:
+        raise NotImplementedYet("GetInfo")
+
+    async def UpdateVm(self, request: pb.UpdateVmRequest, ctx: CallContext) -> pb.Id:
+        raise NotImplementedYet("UpdateVm")
+
+    async def UpgradeApp(self, request: pb.UpdateVmRequest, ctx: CallContext) -> pb.Id:
+        raise NotImplementedYet("UpgradeApp")
+
+    async def ResizeVm(self, request: pb.ResizeVmRequest, ctx: CallContext) -> Empty:
+        raise NotImplementedYet("ResizeVm")
+
+    async def ReloadVms(self, request: Empty, ctx: CallContext) -> pb.ReloadVmsResponse:
+        raise NotImplementedYet("ReloadVms")
+
+    async def SvList(self, request: Empty, ctx: CallContext) -> pb.SvListResponse:
+        raise NotImplementedYet("SvList")
+
+    async def SvStop(self, request: pb.Id, ctx: CallContext) -> Empty:
+        raise NotImplementedYet("SvStop")
+
+    async def SvRemove(self, request: pb.Id, ctx: CallContext) -> Empty:
+        raise NotImplementedYet("SvRemove")
+
+    async def ListRegistryImages(
+        self, request: Empty, ctx: CallContext
+    ) -> pb.RegistryImageListResponse:
+        raise NotImplementedYet("ListRegistryImages")
+
+    async def PullRegistryImage(
+        self, request: pb.PullRegistryImageRequest, ctx: CallContext
+    ) -> Empty:
+        raise NotImplementedYet("PullRegistryImage")
+
+    async def DeleteImage(self, request: pb.Id, ctx: CallContext) -> Empty:
+        raise NotImplementedYet("DeleteImage")
+
+    async def ReportDhcpLease(self, request: pb.DhcpLeaseRequest, ctx: CallContext) -> Empty:
+        mac = request.mac.strip().lower()
+        if not _MAC_RE.match(mac):
+            example = "02:ab:cd:ef:01:23"
+            raise InvalidField("mac", f"{request.mac!r} is not a MAC address like {example}")
+        try:
+            ip = ipaddress.IPv4Address(request.ip.strip())
+        except ValueError:
+            raise InvalidField("ip", f"{request.ip!r} is not an IPv4 address") from None
+        # dnsmasq calls this for every lease on the bridge; MACs that are not ours are ignored.
+        log.info("DHCP lease reported: %s -> %s (no VM owns this MAC)", mac, ip)
+        return Empty()
