@@ -1,0 +1,81 @@
+"""A small real KMS for tests: serves GetAppEnvEncryptPubKey over HTTP on loopback.
+
+It answers like a dstack KMS (pRPC JSON, hex bytes) with keys derived from the app id, so a test
+can predict the answer and see exactly what the VMM sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+TIMESTAMP = 1707500000
+
+
+def expected_answer(app_id: bytes) -> dict[str, object]:
+    public_key = hashlib.sha256(b"test-kms-pub" + app_id).digest()
+    signature = hashlib.sha512(b"legacy" + app_id + public_key).digest()[:65].ljust(65, b"\0")
+    signature_v1 = hashlib.sha512(b"v1" + app_id + public_key).digest()[:65].ljust(65, b"\1")
+    return {
+        "public_key": public_key.hex(),
+        "signature": signature.hex(),
+        "timestamp": TIMESTAMP,
+        "signature_v1": signature_v1.hex(),
+    }
+
+
+@dataclass
+class KmsPeer:
+    url: str
+    requests: list[tuple[str, bytes]] = field(default_factory=list)
+    fail_with: int | None = None
+
+
+@contextmanager
+def kms_peer() -> Iterator[KmsPeer]:
+    peer = KmsPeer(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length", "0"))
+            body = self.rfile.read(length)
+            peer.requests.append((self.path, body))
+            if peer.fail_with is not None:
+                self._reply(peer.fail_with, {"error": "kms is sealed"})
+                return
+            if not self.path.startswith("/prpc/GetAppEnvEncryptPubKey"):
+                self._reply(400, {"error": f"Service not found: {self.path}"})
+                return
+            try:
+                app_id = bytes.fromhex(json.loads(body)["app_id"])
+            except (ValueError, KeyError, TypeError) as exc:
+                self._reply(400, {"error": f"bad request: {exc}"})
+                return
+            self._reply(200, expected_answer(app_id))
+
+        def _reply(self, status: int, payload: dict[str, object]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Keep test output quiet."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    peer.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield peer
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -1,0 +1,191 @@
+"""The pRPC codec against dstack's JSON rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.protobuf.empty_pb2 import Empty
+
+from vmm import codec
+from vmm.exceptions import DecodeError, InvalidField
+from vmm.rpc import guest_api_pb2 as gpb
+from vmm.rpc import vmm_rpc_pb2 as pb
+
+
+def test_field_names_stay_snake_case_and_bytes_are_lowercase_hex() -> None:
+    """Encoding keeps proto field names and writes bytes as lowercase hex without 0x."""
+    message = pb.VmConfiguration(name="a", encrypted_env=b"\x00\xffAB", no_tee=True)
+    value = codec.to_json_value(message)
+    assert value["encrypted_env"] == "00ff4142"
+    assert value["no_tee"] is True
+    assert "encryptedEnv" not in value
+
+
+def test_absent_optional_and_message_fields_are_null() -> None:
+    """Unset proto3 optional scalars and singular messages encode as null, set ones as values."""
+    value = codec.to_json_value(pb.VmConfiguration(name="x"))
+    assert value["app_id"] is None
+    assert value["gpus"] is None
+    assert value["networking"] is None
+    assert value["ports"] == []
+    assert value["vcpu"] == 0
+    value = codec.to_json_value(pb.VmConfiguration(app_id="", gpus=pb.GpuConfig()))
+    assert value["app_id"] == ""
+    assert value["gpus"] == {"gpus": [], "attach_mode": ""}
+
+
+def test_uint64_is_a_json_number() -> None:
+    """64-bit integers are plain JSON numbers, not strings as in protobuf's canonical JSON."""
+    data = codec.to_json_bytes(pb.PublicKeyResponse(timestamp=2**63 + 5))
+    assert json.loads(data)["timestamp"] == 2**63 + 5
+    assert b'"timestamp":9223372036854775813' in data
+
+
+def test_empty_is_null() -> None:
+    """An Empty result is the literal JSON null."""
+    assert codec.to_json_bytes(Empty()) == b"null"
+
+
+def test_round_trip_of_a_full_message() -> None:
+    """Every field survives JSON encode then decode."""
+    original = pb.VmConfiguration(
+        name="my-app",
+        image="img",
+        compose_file="{}",
+        vcpu=2,
+        memory=4096,
+        disk_size=40,
+        ports=[pb.PortMapping(protocol="tcp", host_port=8080, vm_port=80, host_address="::1")],
+        encrypted_env=bytes(range(256)),
+        app_id="abc",
+        gpus=pb.GpuConfig(gpus=[pb.GpuSpec(slot="18:00.0")], attach_mode="listed"),
+        kms_urls=["http://k"],
+        stopped=True,
+        networking=pb.NetworkingConfig(mode="user"),
+    )
+    decoded = codec.from_json_bytes(codec.to_json_bytes(original), pb.VmConfiguration)
+    assert decoded == original
+
+
+def test_hex_input_accepts_0x_prefixes_and_uppercase() -> None:
+    """Bytes fields accept a (even repeated) 0x prefix and uppercase digits."""
+    for text in ("abcdef", "0xabcdef", "0x0xABCDEF", "0XabCDef"):
+        message = codec.from_json_value({"app_id": text}, pb.AppId)
+        assert isinstance(message, pb.AppId)
+        assert message.app_id == b"\xab\xcd\xef"
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "reason"),
+    [
+        ({"app_id": "xyz1"}, "app_id", "not a hex string"),
+        ({"app_id": "abc"}, "app_id", "odd number"),
+        ({"app_id": 12}, "app_id", "expected a hex string"),
+    ],
+)
+def test_bad_hex_names_the_field(payload: dict[str, object], field: str, reason: str) -> None:
+    """A non-hex bytes field is rejected with the field's name and the reason."""
+    with pytest.raises(InvalidField) as info:
+        codec.from_json_value(payload, pb.AppId)
+    assert info.value.field == field
+    assert reason in info.value.message
+
+
+def test_missing_keys_default_and_unknown_keys_are_ignored() -> None:
+    """Missing fields take defaults; unknown and camelCase keys are ignored like serde."""
+    message = codec.from_json_value({"name": "n", "diskSize": 9, "extra": [1]}, pb.VmConfiguration)
+    assert isinstance(message, pb.VmConfiguration)
+    assert message.name == "n"
+    assert message.disk_size == 0
+    assert not message.HasField("app_id")
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "reason"),
+    [
+        ({"vcpu": None}, "vcpu", "null is not a valid uint32"),
+        ({"name": None}, "name", "null is not a valid string"),
+        ({"vcpu": "2"}, "vcpu", "expected an integer"),
+        ({"vcpu": 2.5}, "vcpu", "expected an integer"),
+        ({"vcpu": True}, "vcpu", "expected an integer"),
+        ({"vcpu": -1}, "vcpu", "out of range"),
+        ({"vcpu": 2**32}, "vcpu", "out of range"),
+        ({"stopped": "yes"}, "stopped", "expected true or false"),
+        ({"stopped": 1}, "stopped", "expected true or false"),
+        ({"name": 5}, "name", "expected a string"),
+        ({"ports": {}}, "ports", "expected an array"),
+        ({"ports": None}, "ports", "expected an array"),
+        ({"ports": [{"host_port": "80"}]}, "ports[0].host_port", "expected an integer"),
+        ({"ports": [None]}, "ports[0]", "expected an object"),
+        ({"gpus": []}, "gpus", "expected a JSON object"),
+        ({"kms_urls": ["a", 3]}, "kms_urls[1]", "expected a string"),
+    ],
+)
+def test_wrong_types_name_the_field(payload: dict[str, object], field: str, reason: str) -> None:
+    """Every wrongly typed value is a 400-class error naming the exact field path."""
+    with pytest.raises(InvalidField) as info:
+        codec.from_json_value(payload, pb.VmConfiguration)
+    assert info.value.field == field
+    assert reason in info.value.message
+    assert info.value.status_code == 400
+
+
+def test_null_for_optional_and_message_fields_means_absent() -> None:
+    """JSON null for an optional scalar or a message field leaves it unset."""
+    message = codec.from_json_value({"app_id": None, "gpus": None}, pb.VmConfiguration)
+    assert isinstance(message, pb.VmConfiguration)
+    assert not message.HasField("app_id")
+    assert not message.HasField("gpus")
+
+
+@pytest.mark.parametrize("body", [b"", b"  \n", b"null"])
+def test_empty_body_is_the_default_message(body: bytes) -> None:
+    """An empty JSON body, or null, decodes to the default message."""
+    assert codec.from_json_bytes(body, pb.StatusRequest) == pb.StatusRequest()
+
+
+@pytest.mark.parametrize("body", [b"{", b"[1,2]", b'"text"', b"\xff\xfe"])
+def test_malformed_or_non_object_bodies_are_decode_errors(body: bytes) -> None:
+    """A body that is not JSON, or not a JSON object, is rejected with a decode error."""
+    with pytest.raises(DecodeError):
+        codec.from_json_bytes(body, pb.StatusRequest)
+
+
+def test_query_strings_map_to_messages_like_serde_qs() -> None:
+    """GET query strings fill scalars, indexed and bracketed lists, and nested messages."""
+    message = codec.from_query_string(
+        "keyword=my%20app&brief=true&page=2&ids[0]=a&ids[1]=b&json&token=t", pb.StatusRequest
+    )
+    assert message == pb.StatusRequest(keyword="my app", brief=True, page=2, ids=["a", "b"])
+    nested = codec.from_query_string(
+        "name=x&ports[0][host_port]=80&ports[0][protocol]=tcp&gpus[attach_mode]=all"
+        "&gpus[gpus][0][slot]=18:00.0&kms_urls[]=u1&kms_urls[]=u2",
+        pb.VmConfiguration,
+    )
+    assert isinstance(nested, pb.VmConfiguration)
+    assert nested.ports[0].host_port == 80
+    assert nested.gpus.attach_mode == "all"
+    assert nested.gpus.gpus[0].slot == "18:00.0"
+    assert list(nested.kms_urls) == ["u1", "u2"]
+
+
+def test_query_string_values_are_type_checked() -> None:
+    """A query value that does not fit its field names the field."""
+    with pytest.raises(InvalidField) as info:
+        codec.from_query_string("page=two", pb.StatusRequest)
+    assert info.value.field == "page"
+    with pytest.raises(InvalidField) as info:
+        codec.from_query_string("brief=maybe", pb.StatusRequest)
+    assert info.value.field == "brief"
+
+
+def test_protobuf_binary_round_trip_and_unknown_fields() -> None:
+    """Binary bodies decode with prost's rules: unknown fields skipped, empty is default."""
+    info = gpb.GuestInfo(version="1", app_id=b"\x01")
+    assert codec.from_protobuf_bytes(info.SerializeToString(), gpb.GuestInfo) == info
+    assert codec.from_protobuf_bytes(b"", pb.Id) == pb.Id()
+    # Field 99, varint 1: unknown to Id, skipped.
+    assert codec.from_protobuf_bytes(b"\x98\x06\x01", pb.Id) == pb.Id()
+    with pytest.raises(DecodeError):
+        codec.from_protobuf_bytes(b"\x0a\xff", pb.Id)

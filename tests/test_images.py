@@ -1,0 +1,69 @@
+"""Image directories: metadata rules and what makes an image unusable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_image, populate_images
+from vmm.exceptions import InvalidField, NotFound
+from vmm.images import ImageError, list_images, load_image, validate_image_name
+
+
+def test_listing_skips_broken_images(tmp_path: Path) -> None:
+    """Only loadable images are listed, sorted by name."""
+    populate_images(tmp_path)
+    assert [i.name for i in list_images(tmp_path)] == ["dstack-0.5.3", "dstack-dev-0.5.4"]
+
+
+def test_missing_directory_lists_nothing(tmp_path: Path) -> None:
+    """A missing image directory is an empty list, not an error."""
+    assert list_images(tmp_path / "none") == []
+
+
+def test_paths_resolve_inside_the_image(tmp_path: Path) -> None:
+    """Artifacts resolve to absolute files inside the image directory."""
+    populate_images(tmp_path)
+    image = load_image(tmp_path, "dstack-0.5.3")
+    assert image.kernel == (tmp_path / "dstack-0.5.3" / "bzImage").resolve()
+    assert image.rootfs is not None and image.rootfs.name == "rootfs.img.verity"
+    assert image.hda is None
+    assert image.shared_ro is True
+    assert json.loads(image.description)["version"] == "0.5.3"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("broken-json", "unreadable metadata.json"),
+        ("old-0.4.0", "unsupported image version"),
+        ("escapes", "inside the image directory"),
+        ("missing-kernel", "does not exist"),
+    ],
+)
+def test_broken_images_say_why(tmp_path: Path, name: str, reason: str) -> None:
+    """Each kind of broken image gives an error with the reason."""
+    populate_images(tmp_path)
+    with pytest.raises(ImageError, match=reason):
+        load_image(tmp_path, name)
+
+
+def test_unknown_image_and_bad_names(tmp_path: Path) -> None:
+    """An unknown image is NotFound; traversal and odd characters are invalid names."""
+    with pytest.raises(NotFound):
+        load_image(tmp_path, "nope")
+    for bad in ("", "..", "a/b", "../x", "x" * 65, "a b"):
+        with pytest.raises(InvalidField):
+            validate_image_name(bad)
+
+
+def test_iso_rootfs_is_refused(tmp_path: Path) -> None:
+    """An ISO rootfs is refused for images >= 0.5.0."""
+    metadata: dict[str, object] = {
+        "kernel": "k", "initrd": "i", "rootfs": "r.iso", "version": "0.5.1"
+    }
+    make_image(tmp_path, "iso", metadata)
+    with pytest.raises(ImageError, match="ISO"):
+        load_image(tmp_path, "iso")

@@ -1,0 +1,172 @@
+"""The RPCs that need no VM, called on the real daemon as the API spec shows them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+
+import pytest
+
+from tests.support.daemon_proc import DaemonProcess
+from tests.support.kms_peer import KmsPeer, expected_answer
+from vmm import __version__
+
+
+def _curl(daemon: DaemonProcess, *args: str) -> tuple[int, str]:
+    """Run curl against the daemon's TCP listener; return (status, body)."""
+    out = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    body, _, status = out.rpartition("\n")
+    return int(status), body
+
+
+def test_version_example(daemon: DaemonProcess) -> None:
+    """POST /prpc/Version with {} returns the version and a git revision."""
+    status, body = _curl(
+        daemon, "-X", "POST", f"{daemon.base_url}/prpc/Version",
+        "-H", "Content-Type: application/json", "-d", "{}",
+    )
+    assert status == 200
+    data = json.loads(body)
+    assert data["version"] == __version__
+    assert data["rev"].startswith("git:") or data["rev"] == "unknown"
+
+
+def test_get_meta_example(daemon: DaemonProcess) -> None:
+    """GetMeta reports KMS, gateway, resources and the host capabilities the daemon chose."""
+    status, body = _curl(
+        daemon, "-X", "POST", f"{daemon.base_url}/prpc/GetMeta",
+        "-H", "Content-Type: application/json", "-d", "{}",
+    )
+    assert status == 200
+    data = json.loads(body)
+    assert data["kms"] == {"url": "http://127.0.0.1:8081", "urls": ["http://127.0.0.1:8081"]}
+    assert data["gateway"]["base_domain"] == "localhost"
+    assert data["gateway"]["port"] == 8082
+    assert data["gateway"]["agent_port"] == 8090
+    assert data["resources"]["max_cvm_number"] == 1000
+    assert data["resources"]["max_allocable_vcpu"] == 20
+    assert data["resources"]["max_allocable_memory_in_mb"] == 100000
+    assert data["host"]["accelerator"] == "tcg"
+    assert data["host"]["tee_platform"] == "none"
+    assert data["host"]["guest_channel"] in ("vsock", "serial")
+    assert data["networking"]["default_mode"] == "user"
+
+
+def test_list_images_skips_broken_images(daemon: DaemonProcess) -> None:
+    """ListImages lists loadable images and skips broken ones, logging why."""
+    status, body = _curl(
+        daemon, "-X", "POST", f"{daemon.base_url}/prpc/ListImages",
+        "-H", "Content-Type: application/json", "-d", "{}",
+    )
+    assert status == 200
+    images = {image["name"]: image for image in json.loads(body)["images"]}
+    assert set(images) == {"dstack-0.5.3", "dstack-dev-0.5.4"}
+    assert images["dstack-0.5.3"]["version"] == "0.5.3"
+    assert images["dstack-0.5.3"]["is_dev"] is False
+    assert json.loads(images["dstack-0.5.3"]["description"])["rootfs"] == "rootfs.img.verity"
+    assert images["dstack-dev-0.5.4"]["version"] == "0.5.4"  # from the directory name
+    assert images["dstack-dev-0.5.4"]["is_dev"] is True
+    log = daemon.log()
+    for name in ("broken-json", "old-0.4.0", "escapes", "missing-kernel"):
+        assert f"skipping image '{name}'" in log
+
+
+def test_get_compose_hash_is_sha256_of_the_exact_bytes(daemon: DaemonProcess) -> None:
+    """GetComposeHash hashes the compose string byte for byte, without normalising it."""
+    compose = '{"docker_compose_file":"...",  "runner": "docker-compose"}'
+    with daemon.client() as client:
+        response = client.post(
+            "/prpc/GetComposeHash",
+            json={"name": "test", "compose_file": compose, "image": "", "vcpu": 0,
+                  "memory": 0, "disk_size": 0},
+        )
+    assert response.status_code == 200
+    assert response.json() == {"hash": hashlib.sha256(compose.encode()).hexdigest()}
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"name": "bad/name", "compose_file": "{}"}, "invalid field `name`"),
+        ({"name": "", "compose_file": "{}"}, "invalid field `name`: is required"),
+        ({"name": "ok", "compose_file": "not json"}, "invalid field `compose_file`"),
+        ({"name": "ok", "compose_file": "[1]"}, "must be a JSON object"),
+        ({"name": "ok", "compose_file": '{"gateway_enabled": "yes"}'},
+         "compose_file.gateway_enabled"),
+        ({"name": "ok", "compose_file": '{"key_provider": "magic"}'},
+         "compose_file.key_provider"),
+    ],
+)
+def test_get_compose_hash_validates(
+    daemon: DaemonProcess, payload: dict[str, str], message: str
+) -> None:
+    """GetComposeHash refuses a bad name or compose with 400 naming the field."""
+    with daemon.client() as client:
+        response = client.post("/prpc/GetComposeHash?json", json=payload)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def test_app_env_encrypt_pub_key_proxies_to_the_kms(daemon: DaemonProcess, kms: KmsPeer) -> None:
+    """GetAppEnvEncryptPubKey decodes the hex app id, asks the KMS, and returns its 4 fields."""
+    app_id = bytes.fromhex("abcdef1234567890abcdef1234567890abcdef12")
+    before = len(kms.requests)
+    status, body = _curl(
+        daemon, "-X", "POST", f"{daemon.base_url}/prpc/GetAppEnvEncryptPubKey",
+        "-H", "Content-Type: application/json", "-d", json.dumps({"app_id": "0x" + app_id.hex()}),
+    )
+    assert status == 200
+    assert json.loads(body) == expected_answer(app_id)
+    path, sent = kms.requests[before]
+    assert path == "/prpc/GetAppEnvEncryptPubKey?json"
+    assert json.loads(sent) == {"app_id": app_id.hex()}
+
+
+def test_app_env_encrypt_pub_key_errors(daemon: DaemonProcess, kms: KmsPeer) -> None:
+    """A missing app id is a 400; a failing KMS is a 503 that says which KMS and why."""
+    with daemon.client() as client:
+        response = client.post("/prpc/GetAppEnvEncryptPubKey?json", json={})
+        assert response.status_code == 400
+        assert "app_id" in response.json()["error"]
+        kms.fail_with = 500
+        try:
+            response = client.post("/prpc/GetAppEnvEncryptPubKey?json", json={"app_id": "01"})
+        finally:
+            kms.fail_with = None
+    assert response.status_code == 503
+    assert "kms is sealed" in response.json()["error"]
+    assert kms.url in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("lease", "field"),
+    [
+        ({"mac": "02:ab:cd:ef:01", "ip": "10.0.0.1"}, "mac"),
+        ({"mac": "zz:ab:cd:ef:01:23", "ip": "10.0.0.1"}, "mac"),
+        ({"mac": "02:ab:cd:ef:01:23", "ip": "10.0.0.256"}, "ip"),
+        ({"mac": "02:ab:cd:ef:01:23", "ip": ""}, "ip"),
+    ],
+)
+def test_report_dhcp_lease_validates(
+    daemon: DaemonProcess, lease: dict[str, str], field: str
+) -> None:
+    """ReportDhcpLease refuses a malformed MAC or IPv4 address naming the field."""
+    with daemon.client() as client:
+        response = client.post("/prpc/ReportDhcpLease", json=lease)
+    assert response.status_code == 400
+    assert f"invalid field `{field}`" in response.json()["error"]
+
+
+def test_unbuilt_rpcs_answer_not_implemented(daemon: DaemonProcess) -> None:
+    """RPCs whose issue has not landed answer a clear 501, never a 500."""
+    with daemon.client() as client:
+        response = client.post("/prpc/ListRegistryImages?json", json={})
+    assert response.status_code == 501
+    assert response.json()["error"] == "ListRegistryImages is not implemented yet"
