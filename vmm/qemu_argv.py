@@ -1,0 +1,459 @@
+"""The QEMU command line of one VM, as a pure function of the launch facts (reference §10).
+
+``build_qemu_argv`` reads no files and runs nothing: every fact (host capabilities, GPU NUMA
+nodes, CPU lists, the compose hash) comes in through ``LaunchSpec`` and ``Config``, so the argv
+is pinned by golden tests even for TDX and SEV-SNP, which cannot boot on a TCG test machine.
+The groups follow §10 in order; these differences are deliberate:
+
+- ``-accel <host.accel> -cpu <host.cpu_model>`` instead of the hard-coded ``-accel kvm -cpu host``:
+  under TCG ``-cpu host`` is refused, and host.py already picks EPYC-v4 for SEV-SNP.
+- The guest channel takes the vsock slot (§10 item 6). With ``host.channel == "serial"``
+  (no /dev/vhost-vsock) it is a virtio-serial controller with two ports backed by per-VM Unix
+  sockets: AGENT_SOCKET/AGENT_PORT_NAME (host → guest agent) and HOST_API_SOCKET/HOST_API_PORT_NAME
+  (guest → host API).
+- ``-machine q35,kernel-irqchip=split,hpet=off`` is kept under TCG too: QEMU 7.2 accepts it there
+  (kernel-irqchip is a KVM accelerator property that TCG ignores), so no TCG special case.
+- hostfwd: an empty ``PortMap.address`` means ``cvm.port_mapping.address``; an IPv6 host address
+  is bracketed (``tcp:[::1]:8080-:80``). QEMU 7.2 itself refuses IPv6 hostfwd ("Bad host
+  address"); newer QEMU accepts the bracketed form. The manifest's port_map is applied as
+  stored: whether mappings are allowed at all is decided when the VM is created.
+- Commas inside option values (paths, SMBIOS strings) are doubled, as QEMU's option parser
+  requires; §10 strings without commas are unchanged.
+- TDX: ``quote-generation-socket`` is included unless ``cvm.qgs_port`` is 0.
+- SEV-SNP ``host-data`` is base64(sha256(compose hash bytes)): a simplification, since MrConfigV3
+  documents (``sha256(DOMAIN||00||document)``) are out of scope here.
+- The virtio suffix of SEV-SNP is appended to every ``-device`` virtio PCI string (block, net,
+  vsock, virtio-serial). ``-virtfs`` creates its PCI device implicitly and takes no suffix.
+- GPUs are passed through only when ``cvm.gpu.enabled`` (as dstack does at launch); the caller
+  resolves "all" to slots. The bridge libvirt-nwfilter TAP variant is not built.
+- Hugepages: the guest NUMA nodes are the distinct host nodes of the GPUs in ascending order;
+  memory is ceil(MB / 1024) GiB rounded up to a multiple of the node count, and ``-m`` is that
+  total, because QEMU requires the NUMA memdevs to add up to the RAM size.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmm.config import Config, CvmConfig, NetworkingConfig, ProductConfig, parse_mac_prefix
+from vmm.host import HostCapabilities, Tee
+from vmm.images import Image
+from vmm.macs import derive_mac
+from vmm.manifest import Manifest, NetMode, Network, PortMap
+
+AGENT_SOCKET = "agent.sock"
+HOST_API_SOCKET = "host-api.sock"
+AGENT_PORT_NAME = "org.vmm.guest-agent"
+HOST_API_PORT_NAME = "org.vmm.host-api"
+QMP_SOCKET = "qmp.sock"
+HDA_IMAGE = "hda.img"
+
+_SNP_VIRTIO_SUFFIX = ",disable-legacy=on,iommu_platform=true"
+_MRCONFIGID_MIN_VERSION = (0, 5, 2)
+_MRCONFIGID_LEN = 48
+_PCI_SLOT = re.compile(r"^[0-9A-Fa-f:.]+$")
+_COMPOSE_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _node_zero(slot: str) -> int:
+    return 0
+
+
+def _cpus_of_node_zero(node: int) -> str:
+    return "0"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    manifest: Manifest
+    image: Image
+    workdir: Path
+    cid: int
+    host: HostCapabilities
+    compose_hash: str
+    numa_node_of: Callable[[str], int] = _node_zero
+    node_cpulist: Callable[[int], str] = _cpus_of_node_zero
+    gpu_slots: tuple[str, ...] = ()
+    bridge_slots: tuple[str, ...] = ()
+    sev_cbitpos: int = 51
+    sev_reduced_phys_bits: int = 1
+
+
+@dataclass(frozen=True)
+class ResolvedNic:
+    """One NIC after the per-VM entry is merged over ``[cvm.networking]``."""
+
+    index: int
+    mode: NetMode
+    bridge: str  # bridge mode only
+    mac: str
+    netdev_id: str
+    net: str
+    dhcp_start: str
+    restrict: bool
+    netdev: str  # custom mode only: the configured -netdev string
+
+
+@dataclass(frozen=True)
+class _Sizing:
+    vcpus: int
+    memory_mb: int
+    nodes: tuple[tuple[int, int], ...]  # hugepages only: (host node, GPUs on it) per guest node
+
+
+def effective_tee(spec: LaunchSpec) -> Tee:
+    """The TEE this VM runs under: the host's, unless the manifest asks for none."""
+    return "none" if spec.manifest.no_tee else spec.host.tee
+
+
+def resolve_networks(manifest: Manifest, config: NetworkingConfig) -> list[ResolvedNic]:
+    """Merge each manifest NIC over the node default; no entries means one default NIC."""
+    entries = manifest.networks or (Network(mode=config.mode),)
+    prefix = parse_mac_prefix(config.mac_prefix)
+    nics = []
+    for i, entry in enumerate(entries):
+        netdev_id = f"net{i}"
+        bridge = (entry.bridge or config.bridge) if entry.mode == "bridge" else ""
+        if entry.mode == "bridge" and not bridge:
+            raise ValueError(
+                f"networks[{i}]: bridge mode needs a bridge name and cvm.networking.bridge is empty"
+            )
+        netdev = config.netdev if entry.mode == "custom" else ""
+        if entry.mode == "custom" and f"id={netdev_id}" not in netdev.split(","):
+            wanted = f"id={netdev_id}"
+            raise ValueError(f"networks[{i}]: cvm.networking.netdev lacks {wanted}: {netdev!r}")
+        nics.append(
+            ResolvedNic(
+                index=i,
+                mode=entry.mode,
+                bridge=bridge,
+                mac=derive_mac(manifest.id, i, prefix),
+                netdev_id=netdev_id,
+                net=config.net,
+                dhcp_start=config.dhcp_start,
+                restrict=config.restrict,
+                netdev=netdev,
+            )
+        )
+    return nics
+
+
+def mrconfigid_v1(compose_hash: str) -> str:
+    """TDX mrconfigid V1: base64(0x01 || compose hash || zeros) over 48 bytes."""
+    raw = b"\x01" + _compose_hash_bytes(compose_hash)
+    return base64.b64encode(raw.ljust(_MRCONFIGID_LEN, b"\0")).decode()
+
+
+def snp_host_data(compose_hash: str) -> str:
+    """SEV-SNP host-data: base64(sha256(compose hash bytes)), 32 bytes."""
+    return base64.b64encode(hashlib.sha256(_compose_hash_bytes(compose_hash)).digest()).decode()
+
+
+def qemu_img_create_argv(spec: LaunchSpec, qemu_img: str = "qemu-img") -> list[str]:
+    """Create ``hda.img`` (qcow2), backed by the image's hda when it has one."""
+    argv = [qemu_img, "create", "-f", "qcow2"]
+    if spec.image.hda is not None:
+        argv += ["-o", f"backing_file={_opt(spec.image.hda)}", "-o", "backing_fmt=qcow2"]
+    return [*argv, str(spec.workdir / HDA_IMAGE), f"{spec.manifest.disk_size}G"]
+
+
+def build_qemu_argv(spec: LaunchSpec, config: Config) -> list[str]:
+    """The full argv; argv[0] is sudo, taskset or the QEMU binary."""
+    if not spec.workdir.is_absolute():
+        raise ValueError(f"the VM work directory must be absolute: {spec.workdir}")
+    if not spec.host.qemu_path:
+        raise ValueError("no QEMU binary: set cvm.qemu_path or install qemu-system-x86_64")
+    cvm = config.cvm
+    tee = effective_tee(spec)
+    snp = tee == "sev-snp"
+    gpus = spec.gpu_slots if cvm.gpu.enabled else ()
+    bridges = spec.bridge_slots if cvm.gpu.enabled else ()
+    for slot in (*gpus, *bridges):
+        if not _PCI_SLOT.match(slot):
+            raise ValueError(f"bad PCI slot {slot!r}: only hex digits, ':' and '.' are allowed")
+    sizing = _sizing(spec, gpus)
+    argv = _command_prefix(spec, cvm, gpus)
+    argv += _base(spec)
+    argv += _firmware(spec, cvm, snp)
+    argv += _disks(spec, snp)
+    argv += _nics(spec, config, snp)
+    argv += _smbios(cvm.product)
+    if spec.manifest.swtpm:
+        argv += _swtpm(spec.workdir)
+    argv += _guest_channel(spec, snp)
+    argv += _host_share(spec, cvm, snp)
+    argv += _numa(sizing)
+    argv += _machine(spec, cvm, tee, sizing)
+    argv += _gpus(gpus, bridges, spec.numa_node_of, hugepages=bool(sizing.nodes))
+    argv += ["-smp", str(sizing.vcpus), "-m", f"{sizing.memory_mb}M"]
+    if spec.image.cmdline:
+        argv += ["-append", spec.image.cmdline]
+    return argv
+
+
+def _opt(value: object) -> str:
+    # QEMU option lists split on ","; a literal comma is written ",,".
+    return str(value).replace(",", ",,")
+
+
+def _virtio(device: str, snp: bool) -> str:
+    return device + _SNP_VIRTIO_SUFFIX if snp else device
+
+
+def _compose_hash_bytes(compose_hash: str) -> bytes:
+    if not _COMPOSE_HASH.match(compose_hash):
+        raise ValueError(f"compose hash must be 64 lowercase hex digits, got {compose_hash!r}")
+    return bytes.fromhex(compose_hash)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _sizing(spec: LaunchSpec, gpus: tuple[str, ...]) -> _Sizing:
+    vcpus = max(1, spec.manifest.vcpu)
+    if not spec.manifest.hugepages:
+        return _Sizing(vcpus, spec.manifest.memory, ())
+    per_node = Counter(spec.numa_node_of(slot) for slot in gpus) or Counter({0: 0})
+    nodes = tuple(sorted(per_node.items()))
+    n = len(nodes)
+    mem_gib = _round_up(max(1, _round_up(spec.manifest.memory, 1024) // 1024), n)
+    return _Sizing(_round_up(vcpus, n), mem_gib * 1024, nodes)
+
+
+def _command_prefix(spec: LaunchSpec, cvm: CvmConfig, gpus: tuple[str, ...]) -> list[str]:
+    argv = []
+    if cvm.user:
+        argv += ["sudo", "-u", cvm.user]
+    if spec.manifest.pin_numa:
+        node = spec.numa_node_of(gpus[0]) if gpus else 0
+        argv += ["taskset", "-c", spec.node_cpulist(node)]
+    return [*argv, spec.host.qemu_path]
+
+
+def _base(spec: LaunchSpec) -> list[str]:
+    wd = spec.workdir
+    return [
+        "-accel", spec.host.accel, "-cpu", spec.host.cpu_model, "-nographic", "-nodefaults",
+        "-chardev",
+        f"pty,id=com0,path={_opt(wd / 'serial.pty')},logfile={_opt(wd / 'serial.log')},"
+        "logappend=on",
+        "-serial", "chardev:com0",
+    ]  # fmt: skip
+
+
+def _firmware(spec: LaunchSpec, cvm: CvmConfig, snp: bool) -> list[str]:
+    argv = []
+    if cvm.qmp_socket:
+        argv += ["-qmp", f"unix:{_opt(spec.workdir / QMP_SOCKET)},server,wait=off"]
+    bios = (spec.image.bios_sev or spec.image.bios) if snp else spec.image.bios
+    if bios is not None:
+        argv += ["-bios", str(bios)]
+    argv += ["-kernel", str(spec.image.kernel), "-initrd", str(spec.image.initrd)]
+    if cvm.qemu_hotplug_off:
+        argv += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
+    if cvm.qemu_pci_hole64_size > 0:
+        argv += ["-global", f"q35-pcihost.pci-hole64-size=0x{cvm.qemu_pci_hole64_size:x}"]
+    return argv
+
+
+def _disks(spec: LaunchSpec, snp: bool) -> list[str]:
+    argv = []
+    rootfs = spec.image.rootfs
+    if rootfs is not None:
+        if rootfs.suffix != ".verity":
+            raise ValueError(
+                f"image {spec.image.name!r}: unsupported rootfs {rootfs.name!r}"
+                " (only a dm-verity '*.verity' rootfs is supported; ISO rootfs needs image < 0.5.0)"
+            )
+        argv += [
+            "-drive", f"file={_opt(rootfs)},if=none,id=hd0,format=raw,readonly=on",
+            "-device", _virtio("virtio-blk-pci,drive=hd0", snp),
+        ]  # fmt: skip
+    argv += [
+        "-drive", f"file={_opt(spec.workdir / HDA_IMAGE)},if=none,id=hd1",
+        "-device", _virtio("virtio-blk-pci,drive=hd1", snp),
+    ]  # fmt: skip
+    for i, source in enumerate(spec.manifest.volumes):
+        argv += [
+            "-drive", f"file={_opt(source)},if=none,id=vol{i},format=raw,readonly=on",
+            "-device", _virtio(f"virtio-blk-pci,drive=vol{i}", snp),
+        ]  # fmt: skip
+    return argv
+
+
+def _hostfwd(mapping: PortMap, default_address: str) -> str:
+    address = mapping.address or default_address
+    if ":" in address and not address.startswith("["):
+        address = f"[{address}]"
+    return f"hostfwd={mapping.protocol}:{address}:{mapping.host_port}-:{mapping.vm_port}"
+
+
+def _nics(spec: LaunchSpec, config: Config, snp: bool) -> list[str]:
+    argv: list[str] = []
+    forwarded = False
+    for nic in resolve_networks(spec.manifest, config.cvm.networking):
+        if nic.mode == "user":
+            netdev = (
+                f"user,id={nic.netdev_id},net={nic.net},dhcpstart={nic.dhcp_start},"
+                f"restrict={'yes' if nic.restrict else 'no'}"
+            )
+            # slirp binds each host port once; a second user NIC cannot forward the same ports.
+            if not forwarded:
+                address = config.cvm.port_mapping.address
+                netdev += "".join("," + _hostfwd(p, address) for p in spec.manifest.port_map)
+                forwarded = True
+        elif nic.mode == "bridge":
+            netdev = f"bridge,id={nic.netdev_id},br={_opt(nic.bridge)}"
+        else:
+            netdev = nic.netdev
+        argv += [
+            "-netdev", netdev,
+            "-device", _virtio(f"virtio-net-pci,netdev={nic.netdev_id},mac={nic.mac}", snp),
+        ]  # fmt: skip
+    return argv
+
+
+_SMBIOS_FIELDS: tuple[tuple[int, tuple[tuple[str, str], ...]], ...] = (
+    (0, (("vendor", "bios_vendor"), ("version", "bios_version"), ("date", "bios_date"),
+         ("release", "bios_release"))),
+    (1, (("manufacturer", "sys_vendor"), ("product", "product_name"),
+         ("version", "product_version"), ("serial", "product_serial"),
+         ("uuid", "product_uuid"), ("family", "product_family"), ("sku", "product_sku"))),
+    (2, (("manufacturer", "board_vendor"), ("product", "board_name"),
+         ("version", "board_version"), ("serial", "board_serial"),
+         ("asset", "board_asset_tag"))),
+    (3, (("manufacturer", "chassis_vendor"), ("version", "chassis_version"),
+         ("serial", "chassis_serial"), ("asset", "chassis_asset_tag"))),
+)  # fmt: skip
+
+
+def _smbios(product: ProductConfig) -> list[str]:
+    argv = []
+    for smbios_type, fields in _SMBIOS_FIELDS:
+        pairs = [(key, getattr(product, attr)) for key, attr in fields]
+        values = "".join(f",{key}={_opt(value)}" for key, value in pairs if value)
+        if values:
+            argv += ["-smbios", f"type={smbios_type}{values}"]
+    return argv
+
+
+def _swtpm(wd: Path) -> list[str]:
+    return [
+        "-chardev", f"socket,id=chrtpm,path={_opt(wd / 'swtpm' / 'swtpm.sock')}",
+        "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+        "-device", "tpm-tis,tpmdev=tpm0",
+    ]  # fmt: skip
+
+
+def _guest_channel(spec: LaunchSpec, snp: bool) -> list[str]:
+    if spec.host.channel == "vsock":
+        return ["-device", _virtio(f"vhost-vsock-pci,guest-cid={spec.cid}", snp)]
+    wd = spec.workdir
+    argv = ["-device", _virtio("virtio-serial-pci,id=vser0", snp)]
+    for chardev, socket, port in (
+        ("agentch", AGENT_SOCKET, AGENT_PORT_NAME),
+        ("hostch", HOST_API_SOCKET, HOST_API_PORT_NAME),
+    ):
+        argv += [
+            "-chardev", f"socket,id={chardev},path={_opt(wd / socket)},server=on,wait=off",
+            "-device", f"virtserialport,bus=vser0.0,chardev={chardev},name={port}",
+        ]  # fmt: skip
+    return argv
+
+
+def _host_share(spec: LaunchSpec, cvm: CvmConfig, snp: bool) -> list[str]:
+    wd = spec.workdir
+    if cvm.host_share_mode == "9p":
+        readonly = "on" if spec.image.shared_ro else "off"
+        return [
+            "-virtfs",
+            f"local,path={_opt(wd / 'shared')},mount_tag=host-shared,readonly={readonly},"
+            "security_model=mapped,id=virtfs0",
+        ]
+    if cvm.host_share_mode == "vvfat":
+        return [
+            "-blockdev",
+            f"driver=vvfat,node-name=vvfat0,read-only=on,dir={_opt(wd / 'shared')},label=DSTACKSHR",
+            "-device", _virtio("virtio-blk-pci,drive=vvfat0", snp),
+        ]  # fmt: skip
+    return [
+        "-drive", f"file={_opt(wd / 'shared.img')},if=none,id=hd2,format=raw,readonly=on",
+        "-device", _virtio("virtio-blk-pci,drive=hd2", snp),
+    ]  # fmt: skip
+
+
+def _numa(sizing: _Sizing) -> list[str]:
+    argv: list[str] = []
+    n = len(sizing.nodes)
+    if not n:
+        return argv
+    cpus = sizing.vcpus // n
+    mem_gib = sizing.memory_mb // 1024 // n
+    bus_nr = 5
+    for k, (host_node, gpu_count) in enumerate(sizing.nodes):
+        argv += [
+            "-numa", f"node,nodeid={k},cpus={k * cpus}-{(k + 1) * cpus - 1},memdev=mem{k}",
+            "-object",
+            f"memory-backend-file,id=mem{k},size={mem_gib}G,mem-path=/dev/hugepages,share=on,"
+            f"prealloc=yes,host-nodes={host_node},policy=bind",
+            "-device",
+            f"pxb-pcie,id=pcie.node{host_node},bus=pcie.0,addr=0x{0xA + k:x},numa_node={k},"
+            f"bus_nr={bus_nr}",
+        ]  # fmt: skip
+        # Each expander bridge needs a bus number per root port behind it, plus its own.
+        bus_nr += gpu_count + 1
+    return argv
+
+
+def _machine(spec: LaunchSpec, cvm: CvmConfig, tee: Tee, sizing: _Sizing) -> list[str]:
+    if tee == "none":
+        return ["-machine", "q35,kernel-irqchip=split,hpet=off"]
+    if tee == "tdx":
+        tdx: dict[str, object] = {"qom-type": "tdx-guest", "id": "tdx"}
+        if cvm.use_mrconfigid and spec.image.version_tuple >= _MRCONFIGID_MIN_VERSION:
+            tdx["mrconfigid"] = mrconfigid_v1(spec.compose_hash)
+        if cvm.qgs_port:
+            qgs = {"type": "vsock", "cid": "2", "port": str(cvm.qgs_port)}
+            tdx["quote-generation-socket"] = qgs
+        return [
+            "-machine", "q35,kernel-irqchip=split,confidential-guest-support=tdx,hpet=off",
+            "-object", json.dumps(tdx, separators=(",", ":")),
+        ]  # fmt: skip
+    return [
+        "-object",
+        f"memory-backend-memfd,id=ram1,size={sizing.memory_mb}M,share=true,prealloc=false",
+        "-object",
+        "sev-snp-guest,id=sev0,policy=0x30000,sev-device=/dev/sev,kernel-hashes=on,"
+        f"host-data={snp_host_data(spec.compose_hash)},cbitpos={spec.sev_cbitpos},"
+        f"reduced-phys-bits={spec.sev_reduced_phys_bits}",
+        "-machine",
+        "q35,kernel-irqchip=split,confidential-guest-support=sev0,memory-backend=ram1,hpet=off",
+    ]
+
+
+def _gpus(
+    gpus: tuple[str, ...],
+    bridges: tuple[str, ...],
+    numa_node_of: Callable[[str], int],
+    *,
+    hugepages: bool,
+) -> list[str]:
+    if not gpus and not bridges:
+        return []
+    argv = ["-object", "iommufd,id=iommufd0"]
+    buses = [f"pcie.node{numa_node_of(s)}" if hugepages else "pcie.0" for s in gpus]
+    buses += ["pcie.0"] * len(bridges)
+    for d, (slot, bus) in enumerate(zip((*gpus, *bridges), buses, strict=True), start=1):
+        argv += [
+            "-device", f"pcie-root-port,id=pci.{d},bus={bus},chassis={d}",
+            "-device", f"vfio-pci,host={slot},bus=pci.{d},iommufd=iommufd0",
+        ]  # fmt: skip
+    return argv
