@@ -79,4 +79,4 @@ def daemon(short_tmp: Path, kms: KmsPeer) -> Iterator[DaemonProcess]:
     try:
         yield proc
     finally:
-        proc.kill()
+        proc.destroy()

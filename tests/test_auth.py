@@ -42,7 +42,7 @@ def secured() -> Iterator[DaemonProcess]:
     try:
         yield proc
     finally:
-        proc.kill()
+        proc.destroy()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -147,13 +147,15 @@ def test_htpasswd_refuses_non_bcrypt_entries(tmp_path: Path) -> None:
         load_htpasswd(tmp_path / "missing")
 
 
-def test_warning_when_open_on_a_public_address(tmp_path: Path) -> None:
+def test_warning_when_open_on_a_public_address() -> None:
     """Auth off on a non-loopback TCP address is logged as a warning."""
-    daemon = start_daemon(tmp_path, addresses=["tcp:0.0.0.0:0"])
+    workdir = Path(tempfile.mkdtemp(prefix="vmma", dir="/tmp"))
+    daemon = start_daemon(workdir, addresses=["tcp:0.0.0.0:0"])
     try:
         port = daemon.base_url.rsplit(":", 1)[1]
         with httpx.Client(timeout=10) as client:
             assert client.post(f"http://127.0.0.1:{port}/prpc/Version?json").status_code == 200
         assert "auth is disabled and the API listens on 0.0.0.0" in daemon.log()
     finally:
-        daemon.kill()
+        daemon.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)

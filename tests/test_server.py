@@ -38,7 +38,7 @@ def test_stale_socket_file_is_replaced(short_dir: Path) -> None:
         with daemon.unix_client() as client:
             assert client.post("/prpc/Version?json").status_code == 200
     finally:
-        daemon.kill()
+        daemon.destroy()
 
 
 def test_live_socket_is_not_replaced(short_dir: Path) -> None:
@@ -56,7 +56,7 @@ def test_live_socket_is_not_replaced(short_dir: Path) -> None:
         with first.unix_client() as client:
             assert client.post("/prpc/Version?json").status_code == 200
     finally:
-        first.kill()
+        first.destroy()
 
 
 def test_a_regular_file_is_never_replaced(short_dir: Path) -> None:
@@ -84,9 +84,12 @@ def test_socket_is_0600_even_with_a_lax_umask(short_dir: Path) -> None:
 def test_socket_removed_on_clean_shutdown(short_dir: Path) -> None:
     """SIGTERM stops the daemon cleanly and removes its socket file."""
     daemon = start_daemon(short_dir, addresses=["unix:./vmm.sock", "tcp:127.0.0.1:0"])
-    daemon.stop()
-    assert daemon.proc.returncode == 0
-    assert not (short_dir / "vmm.sock").exists()
+    try:
+        daemon.stop()
+        assert daemon.proc.returncode == 0
+        assert not (short_dir / "vmm.sock").exists()
+    finally:
+        daemon.destroy()
 
 
 def test_tcp_listener_declares_tcp_so_connections_get_nodelay() -> None:

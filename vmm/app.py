@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from vmm.auth import AuthMiddleware
 from vmm.daemon import Daemon
+from vmm.logs import logs_route
 from vmm.middleware import RequestIdMiddleware
 from vmm.prpc import PrpcBridge, error_payload
 from vmm.rpc import vmm_rpc_pb2
@@ -52,7 +53,11 @@ def build_app(daemon: Daemon) -> Starlette:
         return response
 
     return Starlette(
-        routes=[vmm_bridge.route("/prpc")],
+        routes=[
+            vmm_bridge.route("/prpc"),
+            # Late-bound: the manager exists only once the lifespan has started the daemon.
+            logs_route(lambda vm_id: daemon.manager.workdir_of(vm_id)),  # noqa: PLW0108
+        ],
         middleware=[
             Middleware(RequestIdMiddleware),
             Middleware(AuthMiddleware, authenticator=daemon.authenticator),

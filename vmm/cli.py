@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(path)
         level = getattr(logging, config.log_level.upper())
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # One line per supervisor call drowns the daemon's own log; failures still surface.
+        logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
         if args.command == "check-config":
             return cmd_check_config(config, path)
         return cmd_serve(config)

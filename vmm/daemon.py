@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from vmm.auth import Authenticator
 from vmm.config import Config
+from vmm.exceptions import ConfigError, SupervisorError
 from vmm.host import HostCapabilities, HostProbe, detect
 from vmm.kms import KmsClient
+from vmm.manager import Manager
+from vmm.supervisor.client import SupervisorClient, ensure_supervisor
 
 log = logging.getLogger(__name__)
+
+# <run_path>/<36-char uuid>/host-api.sock must fit in AF_UNIX's 108 bytes.
+_LONGEST_VM_SOCKET = len("/12345678-1234-1234-1234-123456789abc/host-api.sock")
+_UNIX_PATH_MAX = 107
 
 
 @dataclass(frozen=True)
@@ -26,20 +34,59 @@ class Daemon:
         self.host: HostCapabilities = detect(config.cvm, probe)
         self.kms = KmsClient(config.kms_url)
         self.authenticator = Authenticator.from_config(config.auth)
+        run_path = Path(config.run_path).absolute()
+        if len(str(run_path)) + _LONGEST_VM_SOCKET > _UNIX_PATH_MAX:
+            raise ConfigError(
+                f"`run_path`: {run_path} is too long for the VMs' Unix sockets "
+                f"(at most {_UNIX_PATH_MAX - _LONGEST_VM_SOCKET} characters)"
+            )
+        sv = config.supervisor
+        self._sv_paths = (Path(sv.sock).absolute(), Path(sv.pid_file).absolute(),
+                          Path(sv.log_file).absolute(), Path(sv.state_file).absolute())
+        self._manager: Manager | None = None
+        self._supervisor: SupervisorClient | None = None
+
+    @property
+    def manager(self) -> Manager:
+        if self._manager is None:
+            raise RuntimeError("the daemon has not started")
+        return self._manager
 
     async def start(self) -> None:
         log.info(
             "host: accel=%s tee=%s guest channel=%s cpu=%s qemu=%s %s",
-            self.host.accel,
-            self.host.tee,
-            self.host.channel,
-            self.host.cpu_model,
-            self.host.qemu_path or "(not found)",
-            self.host.qemu_version,
+            self.host.accel, self.host.tee, self.host.channel, self.host.cpu_model,
+            self.host.qemu_path or "(not found)", self.host.qemu_version,
         )
+        sock, pid_file, log_file, state_file = self._sv_paths
+        if self.config.supervisor.auto_start:
+            self._supervisor = await ensure_supervisor(
+                sock, pid_file, log_file, state_file=state_file
+            )
+        else:
+            self._supervisor = SupervisorClient(sock)
+            if not await self._supervisor.ping():
+                raise SupervisorError(
+                    f"no supervisor answers on {sock} and supervisor.auto_start is false"
+                )
+        self._manager = Manager(self.config, self.host, self._supervisor)
+        await self._manager.load_all()
+        self._manager.start_watching()
 
     async def stop(self) -> None:
+        # VMs keep running: they belong to the supervisor, which outlives us on purpose.
+        if self._manager is not None:
+            await self._manager.close()
+        if self._supervisor is not None:
+            await self._supervisor.aclose()
         await self.kms.aclose()
 
     def resource_usage(self) -> ResourceUsage:
-        return ResourceUsage(vms=0, vcpu=0, memory_mb=0)
+        if self._manager is None:
+            return ResourceUsage(0, 0, 0)
+        vms = list(self._manager.vms.values())
+        return ResourceUsage(
+            vms=len(vms),
+            vcpu=sum(vm.manifest.vcpu for vm in vms),
+            memory_mb=sum(vm.manifest.memory for vm in vms),
+        )

@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
+def _vm_id(request: pb.Id) -> str:
+    if not request.id:
+        raise InvalidField("id", "is required")
+    return request.id
+
+
 class VmmServicer:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -109,28 +115,35 @@ class VmmServicer:
     async def ListGpus(self, request: Empty, ctx: CallContext) -> pb.ListGpusResponse:
         raise NotImplementedYet("ListGpus")
 
-    # -- VM lifecycle: built by the boot issue -----------------------------------------------
+    # -- VM lifecycle ---------------------------------------------------------------------------
 
     async def CreateVm(self, request: pb.VmConfiguration, ctx: CallContext) -> pb.Id:
-        raise NotImplementedYet("CreateVm")
+        return pb.Id(id=await self.daemon.manager.create(request))
 
     async def StartVm(self, request: pb.Id, ctx: CallContext) -> Empty:
-        raise NotImplementedYet("StartVm")
+        await self.daemon.manager.start(_vm_id(request))
+        return Empty()
 
     async def StopVm(self, request: pb.Id, ctx: CallContext) -> Empty:
-        raise NotImplementedYet("StopVm")
+        await self.daemon.manager.stop(_vm_id(request))
+        return Empty()
 
     async def ShutdownVm(self, request: pb.Id, ctx: CallContext) -> Empty:
-        raise NotImplementedYet("ShutdownVm")
+        await self.daemon.manager.shutdown(_vm_id(request))
+        return Empty()
 
     async def RemoveVm(self, request: pb.Id, ctx: CallContext) -> Empty:
-        raise NotImplementedYet("RemoveVm")
+        await self.daemon.manager.remove(_vm_id(request))
+        return Empty()
 
     async def Status(self, request: pb.StatusRequest, ctx: CallContext) -> pb.StatusResponse:
-        raise NotImplementedYet("Status")
+        return self.daemon.manager.status(request)
 
     async def GetInfo(self, request: pb.Id, ctx: CallContext) -> pb.GetInfoResponse:
-        raise NotImplementedYet("GetInfo")
+        vm = self.daemon.manager.vms.get(_vm_id(request))
+        if vm is None:
+            return pb.GetInfoResponse(found=False)
+        return pb.GetInfoResponse(found=True, info=vm.info(brief=False))
 
     async def UpdateVm(self, request: pb.UpdateVmRequest, ctx: CallContext) -> pb.Id:
         raise NotImplementedYet("UpdateVm")

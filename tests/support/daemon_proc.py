@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -24,6 +27,7 @@ class DaemonProcess:
     proc: subprocess.Popen[bytes]
     workdir: Path
     log_path: Path
+    log_offset: int = 0  # where this process's lines start in a log shared with earlier runs
     tcp: list[str] = field(default_factory=list)  # "http://127.0.0.1:PORT"
     unix: list[Path] = field(default_factory=list)
 
@@ -60,60 +64,123 @@ class DaemonProcess:
         """Graceful stop (SIGTERM), then SIGKILL if it hangs."""
         self.kill(signal.SIGTERM)
 
+    def destroy(self) -> None:
+        """Kill the daemon, then every QEMU and the supervisor it started, each by PID."""
+        self.kill()
+        kill_vm_processes(self.workdir / "state")
+
+
+def _pid_with(path: Path, marker: str) -> int | None:
+    """The PID in ``path`` if that process still runs and its command line has ``marker``."""
+    try:
+        pid = int(path.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if marker.encode() in cmdline else None
+
+
+def _kill_and_wait(pid: int, timeout: float = 15.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return  # a zombie: dead, waiting for its parent to reap it
+        time.sleep(0.05)
+
+
+def _pids_mentioning(path: Path) -> list[int]:
+    """PIDs whose command line names ``path``: a test's unique temp dir, so nothing else."""
+    needle = str(path).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_vm_processes(state: Path) -> None:
+    """End what a test daemon left running: QEMUs first, then the supervisor, each by PID.
+
+    PID files are read first; processes whose command line names this test's state directory
+    are caught too, which covers a supervisor killed before it wrote its PID file.
+    """
+    for pid_file in sorted((state / "vm").glob("*/qemu.pid")):
+        pid = _pid_with(pid_file, "qemu")
+        if pid is not None:
+            _kill_and_wait(pid)
+    for pid in _pids_mentioning(state / "vm"):
+        _kill_and_wait(pid)
+    pid = _pid_with(state / "run" / "supervisor.pid", "vmm.supervisor")
+    if pid is not None:
+        _kill_and_wait(pid)
+    for pid in _pids_mentioning(state / "run"):
+        _kill_and_wait(pid)
+
 
 def write_config(workdir: Path, addresses: list[str], extra: str = "") -> Path:
-    """A vmm.toml that keeps every path inside ``workdir``."""
+    """A vmm.toml that keeps every path inside ``workdir``; ``extra`` TOML is deep-merged in."""
     state = workdir / "state"
-    addr = ", ".join(f'"{a}"' for a in addresses)
-    text = f"""
-address = [{addr}]
-run_path = "{state}/vm"
-log_level = "info"
-
-[image]
-path = "{state}/images"
-
-[supervisor]
-sock = "{state}/run/supervisor.sock"
-pid_file = "{state}/run/supervisor.pid"
-log_file = "{state}/run/supervisor.log"
-state_file = "{state}/run/supervisor-state.json"
-"""
+    base: dict[str, Any] = {
+        "address": addresses,
+        "run_path": f"{state}/vm",
+        "log_level": "info",
+        "image": {"path": f"{state}/images"},
+        "supervisor": {
+            "sock": f"{state}/run/supervisor.sock",
+            "pid_file": f"{state}/run/supervisor.pid",
+            "log_file": f"{state}/run/supervisor.log",
+            "state_file": f"{state}/run/supervisor-state.json",
+        },
+    }
     path = workdir / "vmm.toml"
-    path.write_text(_merge_extra(text, extra))
+    path.write_text(dump_toml(_deep_merge(base, tomllib.loads(extra))))
     return path
 
 
-def _merge_extra(base: str, extra: str) -> str:
-    # Tests append whole tables; a table that already exists in the base is extended in place
-    # by putting the extra keys right after its header.
-    if not extra.strip():
-        return base
-    lines = base.splitlines()
-    current: str | None = None
-    blocks: dict[str | None, list[str]] = {}
-    order: list[str | None] = []
-    for line in extra.strip().splitlines():
-        stripped = line.strip()
-        if stripped.startswith("[") and not stripped.startswith("[["):
-            current = stripped
-        if current not in blocks:
-            blocks[current] = []
-            order.append(current)
-        if stripped != current:
-            blocks[current].append(line)
-    result: list[str] = []
-    top = blocks.pop(None, [])
-    result.extend(top)
-    for line in lines:
-        result.append(line)
-        if line.strip() in blocks:
-            result.extend(blocks.pop(line.strip()))
-    for header in order:
-        if header in blocks:
-            result.append(header or "")
-            result.extend(blocks.pop(header))
-    return "\n".join(result) + "\n"
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_toml(table: dict[str, Any], prefix: str = "") -> str:
+    """Just enough TOML writing for test configs: scalars, arrays, inline and nested tables."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            name = f"{prefix}{key}"
+            lines.append(f"\n[{name}]")
+            lines.append(dump_toml(value, f"{name}."))
+    return "\n".join(line for line in lines if line) + "\n"
 
 
 def start_daemon(
@@ -129,6 +196,7 @@ def start_daemon(
     config = write_config(workdir, addresses, extra_config)
     log_path = workdir / "daemon.log"
     log_file = log_path.open("ab")
+    offset = log_file.tell()
     proc = subprocess.Popen(
         [sys.executable, "-m", "vmm", "-c", str(config), "serve"],
         cwd=workdir,
@@ -137,11 +205,11 @@ def start_daemon(
         env={**os.environ, **(env or {})},
     )
     log_file.close()
-    daemon = DaemonProcess(proc=proc, workdir=workdir, log_path=log_path)
+    daemon = DaemonProcess(proc=proc, workdir=workdir, log_path=log_path, log_offset=offset)
     try:
         _wait_ready(daemon, len(addresses), timeout)
     except BaseException:
-        daemon.kill()
+        daemon.destroy()
         raise
     return daemon
 
@@ -149,7 +217,9 @@ def start_daemon(
 def _wait_ready(daemon: DaemonProcess, expected: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = daemon.log()
+        with daemon.log_path.open("rb") as fp:
+            fp.seek(daemon.log_offset)
+            text = fp.read().decode(errors="replace")
         if daemon.proc.poll() is not None:
             raise RuntimeError(f"daemon exited with {daemon.proc.returncode}:\n{text}")
         found = _LISTEN_RE.findall(text)
@@ -171,4 +241,4 @@ def running_daemon(workdir: Path, **kwargs: object) -> Iterator[DaemonProcess]:
     try:
         yield daemon
     finally:
-        daemon.kill()
+        daemon.destroy()

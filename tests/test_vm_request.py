@@ -1,0 +1,185 @@
+"""CreateVm input checks: every field's bad value is a 4xx naming it, leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import populate_images
+from tests.support.daemon_proc import DaemonProcess, start_daemon
+
+COMPOSE = json.dumps({"manifest_version": 2, "name": "demo", "runner": "docker-compose"})
+GOOD: dict[str, Any] = {
+    "name": "demo", "image": "dstack-dev-0.5.4", "compose_file": COMPOSE, "vcpu": 1,
+    "memory": 512, "disk_size": 2, "stopped": True,
+}
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    workdir = Path(tempfile.mkdtemp(prefix="vmmr", dir="/tmp"))
+    populate_images(workdir / "state" / "images")
+    proc = start_daemon(workdir, extra_config=(
+        '[cvm]\naccel = "tcg"\nmax_allocable_vcpu = 8\nmax_allocable_memory_in_mb = 8192\n'
+        "max_disk_size_gb = 100\n"
+        '[cvm.port_mapping]\nenabled = true\nrange = [{protocol = "tcp", from = 2000, to = 3000}]\n'
+    ))
+    try:
+        yield proc
+    finally:
+        proc.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def vm_dirs(daemon: DaemonProcess) -> list[str]:
+    run = daemon.workdir / "state" / "vm"
+    return sorted(p.name for p in run.iterdir()) if run.exists() else []
+
+
+BAD_FIELDS: list[tuple[dict[str, Any], int, str]] = [
+    ({"name": ""}, 400, "`name`: is required"),
+    ({"name": "a/b"}, 400, "`name`"),
+    ({"name": "x" * 300}, 400, "`name`"),
+    ({"image": ""}, 400, "`image`: is required"),
+    ({"image": "../etc"}, 400, "`image`"),
+    ({"image": "no-such-image"}, 400, "no image named 'no-such-image'"),
+    ({"image": "broken-json"}, 400, "`image`"),
+    ({"image": "old-0.4.0"}, 400, "unsupported image version"),
+    ({"compose_file": ""}, 400, "`compose_file`: is required"),
+    ({"compose_file": "{nope"}, 400, "`compose_file`: is not valid JSON"),
+    ({"compose_file": '"str"'}, 400, "`compose_file`: must be a JSON object"),
+    ({"compose_file": '{"kms_enabled": "yes"}'}, 400, "compose_file.kms_enabled"),
+    ({"vcpu": 0}, 400, "`vcpu`: must be 1..8"),
+    ({"vcpu": 9}, 400, "`vcpu`: must be 1..8"),
+    ({"vcpu": -1}, 400, "`vcpu`"),
+    ({"vcpu": "2"}, 400, "`vcpu`: expected an integer"),
+    ({"memory": 10}, 400, "`memory`: must be 64..8192"),
+    ({"memory": 9000}, 400, "`memory`"),
+    ({"memory": None}, 400, "`memory`: null"),
+    ({"disk_size": 0}, 400, "`disk_size`: must be 1..100"),
+    ({"disk_size": 101}, 400, "`disk_size`"),
+    ({"ports": [{"protocol": "sctp", "host_port": 2001, "vm_port": 1}]}, 400, "ports[0].protocol"),
+    ({"ports": [{"protocol": "tcp", "host_port": 80, "vm_port": 1}]}, 400,
+     "port mapping is not allowed for tcp:80"),
+    ({"ports": [{"protocol": "tcp", "host_port": 2001, "vm_port": 0}]}, 400, "ports[0].vm_port"),
+    ({"ports": [{"protocol": "tcp", "host_port": 2001, "vm_port": 70000}]}, 400, "ports[0].vm_port"),
+    ({"ports": [{"protocol": "tcp", "host_port": 2001, "vm_port": 1, "host_address": "me"}]}, 400,
+     "ports[0].host_address"),
+    ({"ports": [{"protocol": "tcp", "host_port": 2001, "vm_port": 1},
+                {"protocol": "tcp", "host_port": 2001, "vm_port": 2}]}, 400,
+     "`ports[1]`: duplicates ports[0]"),
+    ({"ports": {"host_port": 1}}, 400, "`ports`: expected an array"),
+    ({"encrypted_env": "xyzw"}, 400, "`encrypted_env`: not a hex string"),
+    ({"app_id": "not hex!"}, 400, "`app_id`"),
+    ({"gpus": {"attach_mode": "all"}}, 400, "GPU passthrough is not enabled"),
+    ({"gpus": {"gpus": [{"slot": "18:00.0"}]}}, 400, "GPU passthrough is not enabled"),
+    ({"kms_urls": ["ftp://kms"]}, 400, "`kms_urls[0]`"),
+    ({"gateway_urls": [7]}, 400, "`gateway_urls[0]`: expected a string"),
+    ({"networking": {"mode": "custom"}}, 400, "`networking.mode`"),
+    ({"networks": [{"mode": "user", "bridge_name": "br0"}]}, 400, "networks[0].bridge_name"),
+    ({"networks": [{"mode": "bridge", "bridge_name": "nonexistent-br"}]}, 400,
+     "no bridge 'nonexistent-br'"),
+    ({"simulated_tee": "dstack-tdx"}, 400, "`simulated_tee`"),
+    ({"stopped": "yes"}, 400, "`stopped`: expected true or false"),
+    ({"user_config": 5}, 400, "`user_config`: expected a string"),
+]
+
+
+@pytest.mark.parametrize(("change", "status", "fragment"), BAD_FIELDS,
+                         ids=[next(iter(c)) + str(i) for i, (c, _, _) in enumerate(BAD_FIELDS)])
+def test_bad_field_is_refused_naming_it(
+    daemon: DaemonProcess, change: dict[str, Any], status: int, fragment: str
+) -> None:
+    """Each bad CreateVm field gives a 4xx whose message names it; no directory is written."""
+    before = vm_dirs(daemon)
+    with daemon.client() as client:
+        response = client.post("/prpc/CreateVm?json", json=GOOD | change)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]
+    assert vm_dirs(daemon) == before
+
+
+def test_good_request_creates_a_stopped_vm(daemon: DaemonProcess) -> None:
+    """A valid stopped create writes the work directory in dstack's format and does not boot."""
+    with daemon.client() as client:
+        response = client.post("/prpc/CreateVm?json", json=GOOD | {
+            "name": "keeper", "encrypted_env": "0xdeadbeef", "user_config": "cfg",
+            "ports": [{"protocol": "tcp", "host_port": 2500, "vm_port": 80}],
+            "kms_urls": ["https://kms.example:9201"], "app_id": "0xABCDEF",
+        })
+        assert response.status_code == 200, response.text
+        vm_id = response.json()["id"]
+        info = client.post("/prpc/GetInfo?json", json={"id": vm_id}).json()
+    assert info["found"] is True
+    assert info["info"]["status"] == "stopped"
+    assert info["info"]["app_id"] == "abcdef"
+    assert info["info"]["configuration"]["encrypted_env"] == "deadbeef"
+    wd = daemon.workdir / "state" / "vm" / vm_id
+    manifest = json.loads((wd / "vm-manifest.json").read_text())
+    assert manifest["port_map"] == [{"address": "127.0.0.1", "protocol": "tcp", "from": 2500,
+                                     "to": 80}]
+    assert manifest["kms_urls"] == ["https://kms.example:9201"]
+    assert (wd / "shared" / ".encrypted-env").read_bytes() == b"\xde\xad\xbe\xef"
+    assert (wd / "shared" / ".user-config").read_text() == "cfg"
+    assert json.loads((wd / "shared" / ".instance_info").read_text()) == {"app_id": "abcdef"}
+    assert json.loads((wd / "vm-state.json").read_text()) == {"started": False}
+    assert not (wd / "hda.img").exists()  # the disk is made at first start
+
+
+@pytest.mark.parametrize("method", ["StartVm", "StopVm", "ShutdownVm", "RemoveVm"])
+def test_unknown_vm_is_404(daemon: DaemonProcess, method: str) -> None:
+    """Lifecycle calls on an unknown id are 404; an empty id is 400."""
+    with daemon.client() as client:
+        missing = client.post(f"/prpc/{method}?json", json={"id": "no-such-vm"})
+        empty = client.post(f"/prpc/{method}?json", json={})
+    assert missing.status_code == 404
+    assert missing.json()["code"] == "VM_NOT_FOUND"
+    assert "no-such-vm" in missing.json()["error"]
+    assert empty.status_code == 400
+
+
+def test_get_info_unknown_is_found_false(daemon: DaemonProcess) -> None:
+    """GetInfo answers found=false (not an error) for an unknown id."""
+    with daemon.client() as client:
+        answer = client.post("/prpc/GetInfo?json", json={"id": "nope"}).json()
+    assert answer == {"found": False, "info": None}
+
+
+def test_shutdown_of_a_stopped_vm_is_a_conflict(daemon: DaemonProcess) -> None:
+    """ShutdownVm on a VM that is not running says so with 409 and the state."""
+    with daemon.client() as client:
+        vm_id = client.post("/prpc/CreateVm?json", json=GOOD | {"name": "idle"}).json()["id"]
+        response = client.post("/prpc/ShutdownVm?json", json={"id": vm_id})
+    assert response.status_code == 409
+    assert "not running (status: stopped)" in response.json()["error"]
+
+
+def test_status_filters_pages_and_brief(daemon: DaemonProcess) -> None:
+    """Status filters by ids and keyword, pages from 1 (0 = first page), and brief drops config."""
+    with daemon.client() as client:
+        ids = [client.post("/prpc/CreateVm?json", json=GOOD | {"name": f"page-{i}"}).json()["id"]
+               for i in range(5)]
+        everything = client.post("/prpc/Status?json", json={"keyword": "page-"}).json()
+        assert everything["total"] == 5
+        assert [vm["name"] for vm in everything["vms"]] == [f"page-{i}" for i in range(5)]
+        assert everything["vms"][0]["configuration"]["name"] == "page-0"
+        page1 = client.post("/prpc/Status?json", json={"keyword": "page-", "page": 1,
+                                                        "page_size": 2, "brief": True}).json()
+        page0 = client.post("/prpc/Status?json", json={"keyword": "page-", "page": 0,
+                                                        "page_size": 2, "brief": True}).json()
+        page3 = client.post("/prpc/Status?json", json={"keyword": "page-", "page": 3,
+                                                        "page_size": 2}).json()
+        by_id = client.post("/prpc/Status?json", json={"ids": ids[1:3]}).json()
+    assert page1 == page0
+    assert [vm["name"] for vm in page1["vms"]] == ["page-0", "page-1"]
+    assert page1["total"] == 5
+    assert page1["vms"][0]["configuration"] is None
+    assert [vm["name"] for vm in page3["vms"]] == ["page-4"]
+    assert {vm["id"] for vm in by_id["vms"]} == set(ids[1:3])
+    assert by_id["port_mapping_enabled"] is True

@@ -1,0 +1,42 @@
+"""The vsock CID pool: ``[cid_start, cid_start + cid_pool_size)``, lowest free first.
+
+The pool size is the cap on the number of VMs. A CID stays with its VM for the VM's whole life
+(stopped VMs keep theirs), so a CID is never handed to a second VM while the first may still
+use it.
+"""
+
+from __future__ import annotations
+
+from vmm.exceptions import ResourceExhausted
+
+
+class CidPool:
+    def __init__(self, start: int, size: int) -> None:
+        self.start = start
+        self.size = size
+        self._owner: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def allocate(self, owner: str) -> int:
+        for cid in range(self.start, self.start + self.size):
+            if cid not in self._owner:
+                self._owner[cid] = owner
+                return cid
+        raise ResourceExhausted(
+            f"CID pool exhausted: all {self.size} VM slots are in use (cvm.cid_pool_size)"
+        )
+
+    def occupy(self, cid: int, owner: str) -> bool:
+        """Claim a specific CID (a running VM's, recovered at start); False if taken or outside."""
+        if not self.start <= cid < self.start + self.size or cid in self._owner:
+            return False
+        self._owner[cid] = owner
+        return True
+
+    def release(self, cid: int) -> None:
+        self._owner.pop(cid, None)
+
+    def owner(self, cid: int) -> str | None:
+        return self._owner.get(cid)

@@ -1,0 +1,430 @@
+"""The VM registry and lifecycle: create, start, stop, shut down, remove, report, recover.
+
+Disk is the truth and memory the cache: every change of a VM's manifest or desired state is
+written (atomically) before the call returns, and Status reads only memory. QEMU processes
+belong to the supervisor, so the daemon can die at any point; at start ``load_all`` rebuilds the
+registry from the work directories and adopts the processes that still run.
+
+Each VM has a lock that serialises its lifecycle calls; creation holds the manager's lock while
+it checks port conflicts and takes a CID, so two creates cannot claim the same resources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import errno
+import json
+import logging
+import socket
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+
+from vmm import qemu_argv
+from vmm.cid_pool import CidPool
+from vmm.compose import compose_hash
+from vmm.config import Config
+from vmm.exceptions import Conflict, InvalidField, SupervisorError, Unavailable, VmNotFound
+from vmm.host import HostCapabilities
+from vmm.images import Image
+from vmm.manifest import DesiredState, ManifestError, PortMap
+from vmm.qmp import qmp_execute
+from vmm.rpc import vmm_rpc_pb2 as pb
+from vmm.supervisor.client import SupervisorClient
+from vmm.supervisor.types import ProcessConfig, ProcessInfo
+from vmm.vm import Vm, process_note
+from vmm.vm_request import build_vm, describe_port, find_image, ports_clash
+from vmm.workdir import VM_ID_RE, Workdir, clean_staging, create_workdir
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL = 1.0
+REMOVE_POLL = 0.5
+QEMU_IMG_TIMEOUT = 120.0
+
+
+class Manager:
+    def __init__(self, config: Config, host: HostCapabilities, supervisor: SupervisorClient) -> None:
+        self.config = config
+        self.host = host
+        self.supervisor = supervisor
+        self.run_path = Path(config.run_path).absolute()
+        self.vms: dict[str, Vm] = {}
+        self.cids = CidPool(config.cvm.cid_start, config.cvm.cid_pool_size)
+        self._create_lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- lookup -------------------------------------------------------------------------------
+
+    def get(self, vm_id: str) -> Vm:
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise VmNotFound(vm_id)
+        return vm
+
+    def workdir_of(self, vm_id: str) -> Path | None:
+        vm = self.vms.get(vm_id)
+        return vm.workdir.path if vm else None
+
+    # -- create -------------------------------------------------------------------------------
+
+    async def create(self, request: pb.VmConfiguration) -> str:
+        manifest, shared, image = build_vm(self.config, request)
+        async with self._create_lock:
+            self._check_port_conflicts(manifest.id, manifest.port_map)
+            cid = self.cids.allocate(manifest.id)
+            try:
+                workdir = await asyncio.to_thread(
+                    create_workdir, self.run_path, manifest, shared, not request.stopped
+                )
+            except BaseException:
+                self.cids.release(cid)
+                raise
+            vm = Vm(workdir=workdir, manifest=manifest, shared=shared, started=False, cid=cid,
+                    image_version=image.version, events=self._event_ring())
+            self.vms[manifest.id] = vm
+        vm.add_event("vmm.created", f"image {image.name}, {manifest.vcpu} vCPU, {manifest.memory} MB")
+        log.info("created VM %s (%s)", manifest.id, manifest.name)
+        if not request.stopped:
+            try:
+                await self.start(manifest.id)
+            except BaseException:
+                await self._forget(vm, delete=True)
+                raise
+        return manifest.id
+
+    def _check_port_conflicts(self, vm_id: str, ports: Iterable[PortMap]) -> None:
+        for i, port in enumerate(ports):
+            for other in self.vms.values():
+                if other.id == vm_id:
+                    continue
+                for taken in other.manifest.port_map:
+                    if ports_clash(port, taken):
+                        raise Conflict(
+                            f"ports[{i}]: {describe_port(port)} clashes with VM "
+                            f"{other.manifest.name!r} ({other.id}): {describe_port(taken)}"
+                        )
+
+    # -- start / stop / shutdown ----------------------------------------------------------------
+
+    async def start(self, vm_id: str) -> None:
+        vm = self.get(vm_id)
+        async with vm.lock:
+            if vm.removing:
+                raise Conflict(f"VM {vm_id} is being removed")
+            await self._set_started(vm, True)
+            if vm.running:
+                return
+            image = find_image(self.config, vm.manifest.image)
+            await self._prepare_boot(vm, image)
+            argv = qemu_argv.build_qemu_argv(self._launch_spec(vm, image), self.config)
+            config = ProcessConfig(
+                id=vm.id, name=vm.manifest.name, command=argv[0], args=argv[1:], env={},
+                cwd=str(vm.workdir.path), stdout=str(vm.workdir.stdout_log),
+                stderr=str(vm.workdir.stderr_log), pidfile=str(vm.workdir.qemu_pid),
+                cid=vm.cid, note=process_note(),
+            )
+            try:
+                await self.supervisor.deploy(config)
+            except SupervisorError as exc:
+                vm.add_event("vmm.start_failed", exc.message)
+                raise Unavailable(f"cannot start VM {vm_id}: {exc.message}") from None
+            vm.boot_progress, vm.boot_error, vm.shutdown_progress = "booting", "", ""
+            vm.process = await self.supervisor.info(vm.id)
+            vm.add_event("vmm.started", f"pid {vm.process.state.pid if vm.process else '?'}")
+            log.info("started VM %s", vm.id)
+
+    def _launch_spec(self, vm: Vm, image: Image) -> qemu_argv.LaunchSpec:
+        return qemu_argv.LaunchSpec(
+            manifest=vm.manifest, image=image, workdir=vm.workdir.path, cid=vm.cid,
+            host=self.host, compose_hash=compose_hash(vm.shared.compose),
+        )
+
+    async def _prepare_boot(self, vm: Vm, image: Image) -> None:
+        wd = vm.workdir
+        for stale in (wd.serial_pty, wd.qmp_socket, wd.path / qemu_argv.AGENT_SOCKET,
+                      wd.path / qemu_argv.HOST_API_SOCKET):
+            stale.unlink(missing_ok=True)
+        self._check_host_ports_free(vm)
+        if not wd.disk.exists():
+            argv = qemu_argv.qemu_img_create_argv(self._launch_spec(vm, image))
+            await _run(argv, QEMU_IMG_TIMEOUT)
+        await asyncio.to_thread(wd.write_json, wd.sys_config, self._sys_config(vm, image))
+        stamp = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+        with wd.serial_log.open("ab") as serial:
+            serial.write(f"\n===== boot @ {stamp} =====\n".encode())
+
+    def _check_host_ports_free(self, vm: Vm) -> None:
+        """Refuse to boot into a certain failure: QEMU exits if a hostfwd port is taken."""
+        for port in vm.manifest.port_map:
+            family = socket.AF_INET6 if ":" in port.address else socket.AF_INET
+            kind = socket.SOCK_STREAM if port.protocol == "tcp" else socket.SOCK_DGRAM
+            with socket.socket(family, kind) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((port.address, port.host_port))
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+                    raise Conflict(
+                        f"host port {port.protocol} {port.address}:{port.host_port} "
+                        "is in use by another process"
+                    ) from None
+
+    def _sys_config(self, vm: Vm, image: Image) -> dict[str, object]:
+        cvm = self.config.cvm
+        vm_config = {
+            "os_image_hash": "",
+            "cpu_count": vm.manifest.vcpu,
+            "memory_size": vm.manifest.memory * 1024 * 1024,
+            "qemu_version": self.host.qemu_version,
+            "pci_hole64_size": cvm.qemu_pci_hole64_size,
+            "hugepages": vm.manifest.hugepages,
+            "num_gpus": len(vm.manifest.gpus.gpus) if vm.manifest.gpus else 0,
+            "num_nvswitches": 0,
+            "hotplug_off": cvm.qemu_hotplug_off,
+            "image": image.name,
+            "host_share_mode": cvm.host_share_mode,
+            "spec_version": 1,
+        }
+        return {
+            "kms_urls": list(vm.manifest.kms_urls or cvm.kms_urls),
+            "gateway_urls": list(vm.manifest.gateway_urls or cvm.gateway_urls),
+            "pccs_url": cvm.pccs_url,
+            "collateral_urls": {"pccs": cvm.pccs_url},
+            "nvidia_attestation_proxy_url": None,
+            "docker_registry": cvm.docker_registry,
+            "host_api_url": f"vsock://2:{self.config.host_api.port}/api",
+            "vm_config": json.dumps(vm_config),
+        }
+
+    async def stop(self, vm_id: str) -> None:
+        vm = self.get(vm_id)
+        async with vm.lock:
+            await self._set_started(vm, False)
+            await self._kill(vm)
+            vm.add_event("vmm.stopped", "hard stop")
+
+    async def _kill(self, vm: Vm) -> None:
+        if vm.process is not None or await self.supervisor.info(vm.id) is not None:
+            await self.supervisor.stop(vm.id)
+            vm.process = await self.supervisor.info(vm.id)
+
+    async def shutdown(self, vm_id: str) -> None:
+        """Press the ACPI power button; a watcher hard-stops the VM after the timeout."""
+        vm = self.get(vm_id)
+        async with vm.lock:
+            if not vm.running:
+                raise Conflict(f"VM {vm_id} is not running (status: {vm.status})")
+            await self._set_started(vm, False)
+            vm.shutdown_progress = "shutting down"
+            try:
+                await qmp_execute(vm.workdir.qmp_socket, "system_powerdown")
+            except Unavailable as exc:
+                await self._kill(vm)
+                vm.shutdown_progress = "stopped"
+                vm.add_event("vmm.shutdown", f"forced: ACPI unavailable ({exc.message})")
+                return
+            vm.add_event("vmm.shutdown", "ACPI power button pressed")
+            vm.spawn(self._finish_shutdown(vm, self.config.cvm.shutdown_timeout))
+
+    async def _finish_shutdown(self, vm: Vm, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            vm.process = await self.supervisor.info(vm.id)
+            if not vm.running:
+                vm.shutdown_progress = "stopped"
+                vm.add_event("vmm.shutdown", "graceful: the guest powered off (ACPI)")
+                return
+            await asyncio.sleep(0.2)
+        async with vm.lock:
+            if vm.started or vm.removing:
+                return  # someone started or removed it meanwhile; their call wins
+            await self._kill(vm)
+        vm.shutdown_progress = "stopped"
+        vm.add_event("vmm.shutdown", f"forced: no power-off within {timeout:g}s, hard stop")
+
+    async def _set_started(self, vm: Vm, started: bool) -> None:
+        if vm.started != started or not vm.workdir.state.exists():
+            await asyncio.to_thread(vm.workdir.write_desired, DesiredState(started=started))
+        vm.started = started
+
+    # -- remove -------------------------------------------------------------------------------
+
+    async def remove(self, vm_id: str) -> None:
+        vm = self.get(vm_id)
+        async with vm.lock:
+            if vm.removing:
+                return
+            vm.removing = True
+            await asyncio.to_thread(vm.workdir.mark_removing)
+        vm.add_event("vmm.removing")
+        vm.spawn(self._finish_removal(vm))
+
+    async def _finish_removal(self, vm: Vm) -> None:
+        try:
+            async with vm.lock:
+                while True:
+                    info = await self.supervisor.info(vm.id)
+                    if info is None:
+                        break
+                    if info.state.status == "running":
+                        await self.supervisor.stop(vm.id)
+                        await asyncio.sleep(REMOVE_POLL)
+                        continue
+                    await self.supervisor.remove(vm.id)
+                    break
+                await self._forget(vm, delete=True)
+            log.info("removed VM %s", vm.id)
+        except Exception:
+            log.exception("removing VM %s failed; it stays 'removing' and is retried at start",
+                          vm.id)
+
+    async def _forget(self, vm: Vm, *, delete: bool) -> None:
+        if delete:
+            await asyncio.to_thread(vm.workdir.delete)
+        self.cids.release(vm.cid)
+        self.vms.pop(vm.id, None)
+
+    # -- report -------------------------------------------------------------------------------
+
+    def status(self, request: pb.StatusRequest) -> pb.StatusResponse:
+        wanted = set(request.ids)
+        vms = [vm for vm in self.vms.values() if not wanted or vm.id in wanted]
+        if request.keyword:
+            word = request.keyword
+            vms = [vm for vm in vms if word in vm.manifest.name or word in vm.id
+                   or word in vm.manifest.app_id or word in vm.manifest.image]
+        vms.sort(key=lambda vm: (vm.manifest.created_at_ms, vm.id))
+        total = len(vms)
+        if request.page_size:
+            # Pages count from 1 as in dstack's UI; page 0 is also the first page.
+            first = (max(request.page, 1) - 1) * request.page_size
+            vms = vms[first : first + request.page_size]
+        return pb.StatusResponse(
+            vms=[vm.info(brief=request.brief) for vm in vms],
+            port_mapping_enabled=self.config.cvm.port_mapping.enabled,
+            total=total,
+        )
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        """Rebuild the registry from disk and adopt what the supervisor still runs."""
+        for leftover in await asyncio.to_thread(clean_staging, self.run_path):
+            log.info("removed leftover of an interrupted create/delete: %s", leftover)
+        processes = {p.config.id: p for p in await self.supervisor.list()}
+        entries = sorted(self.run_path.iterdir()) if self.run_path.is_dir() else []
+        to_start: list[Vm] = []
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            vm = self._load_one(Workdir(entry), processes.get(entry.name))
+            if vm is None:
+                continue
+            if vm.removing:
+                vm.spawn(self._finish_removal(vm))
+            elif vm.started and not vm.running:
+                to_start.append(vm)
+        for process_id, process in processes.items():
+            if process_id not in self.vms and process.state.status == "running":
+                log.warning("supervisor runs %s (%s) but no VM directory exists for it; "
+                            "leaving it alone", process_id, process.config.name)
+        for vm in to_start:
+            try:
+                await self.start(vm.id)
+            except Exception as exc:
+                log.warning("could not restart VM %s at load: %s", vm.id, exc)
+        log.info("loaded %d VMs (%d running)", len(self.vms),
+                 sum(1 for vm in self.vms.values() if vm.running))
+
+    def _load_one(self, workdir: Workdir, process: ProcessInfo | None) -> Vm | None:
+        if not VM_ID_RE.match(workdir.id):
+            log.warning("leaving %s untouched: not a VM id", workdir.path)
+            return None
+        try:
+            manifest = workdir.read_manifest()
+            desired = workdir.read_desired()
+            shared = workdir.read_shared()
+        except (OSError, ManifestError) as exc:
+            log.warning("leaving %s untouched: cannot load it: %s", workdir.path, exc)
+            return None
+        if manifest.id != workdir.id:
+            log.warning("leaving %s untouched: manifest id %r does not match the directory",
+                        workdir.path, manifest.id)
+            return None
+        cid = None
+        if process is not None and process.state.status == "running" and process.config.cid:
+            if self.cids.occupy(process.config.cid, manifest.id):
+                cid = process.config.cid
+            else:
+                log.warning("VM %s runs with CID %s outside the pool or taken",
+                            manifest.id, process.config.cid)
+        if cid is None:
+            cid = self.cids.allocate(manifest.id)
+        try:
+            image_version = find_image(self.config, manifest.image).version
+        except InvalidField:
+            image_version = ""
+        vm = Vm(workdir=workdir, manifest=manifest, shared=shared, started=desired.started,
+                cid=cid, image_version=image_version, removing=workdir.is_removing,
+                process=process, events=self._event_ring())
+        if vm.running:
+            vm.boot_progress = "running"
+            vm.add_event("vmm.adopted", f"pid {process.state.pid if process else '?'}")
+        self.vms[manifest.id] = vm
+        return vm
+
+    def _event_ring(self) -> deque[pb.GuestEvent]:
+        return deque(maxlen=self.config.event_buffer_size)
+
+    # -- watching -----------------------------------------------------------------------------
+
+    def start_watching(self) -> None:
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def close(self) -> None:
+        tasks = [t for vm in self.vms.values() for t in vm.background]
+        if self._watcher:
+            tasks.append(self._watcher)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _watch(self) -> None:
+        """Keep process state current so Status never asks the supervisor."""
+        while True:
+            try:
+                await self.refresh()
+            except SupervisorError as exc:
+                log.warning("cannot refresh VM states: %s", exc.message)
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    async def refresh(self) -> None:
+        processes = {p.config.id: p for p in await self.supervisor.list()}
+        for vm in list(self.vms.values()):
+            before = vm.running
+            vm.process = processes.get(vm.id)
+            if before and not vm.running and vm.process is not None:
+                state = vm.process.state
+                how = (f"exit code {state.exit_code}" if state.exit_code is not None
+                       else f"signal {state.signal}" if state.signal is not None else "unknown")
+                vm.add_event("vmm.exited", f"QEMU {state.status} ({how})")
+
+
+async def _run(argv: list[str], timeout: float) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise Unavailable(f"{argv[0]} timed out after {timeout:g}s") from None
+    if proc.returncode != 0:
+        raise Unavailable(f"{' '.join(argv[:3])} failed: {output.decode(errors='replace')[-500:]}")

@@ -1,0 +1,145 @@
+"""One VM as the daemon holds it in memory, and how it is reported (``VmInfo``).
+
+Everything Status reports comes from here, never from disk: the manifest and shared files are
+cached when they are written or loaded, and the process state is refreshed from the supervisor
+by the manager's watcher. The desired state (``started``) is also on disk in vm-state.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vmm.manifest import Manifest
+from vmm.rpc import vmm_rpc_pb2 as pb
+from vmm.supervisor.types import ProcessInfo
+from vmm.workdir import SharedFiles, Workdir
+
+VmStatus = Literal["running", "exited", "stopping", "stopped", "removing"]
+
+
+@dataclass
+class Vm:
+    workdir: Workdir
+    manifest: Manifest
+    shared: SharedFiles
+    started: bool  # the desired state, as in vm-state.json
+    cid: int
+    image_version: str = ""
+    removing: bool = False
+    process: ProcessInfo | None = None
+    boot_progress: str = ""
+    boot_error: str = ""
+    shutdown_progress: str = ""
+    instance_id: str = ""
+    events: deque[pb.GuestEvent] = field(default_factory=lambda: deque(maxlen=20))
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.state.status == "running"
+
+    @property
+    def status(self) -> VmStatus:
+        if self.removing:
+            return "removing"
+        if self.started:
+            return "running" if self.running else "exited"
+        return "stopping" if self.running else "stopped"
+
+    def add_event(self, event: str, body: str = "") -> None:
+        self.events.append(
+            pb.GuestEvent(event=event, body=body, timestamp=int(time.time() * 1000))
+        )
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a background job tied to this VM; keep a reference so it is not collected."""
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
+
+    def info(self, *, brief: bool, now: float | None = None) -> pb.VmInfo:
+        now = time.time() if now is None else now
+        state = self.process.state if self.process else None
+        info = pb.VmInfo(
+            id=self.id,
+            name=self.manifest.name,
+            status=self.status,
+            uptime=humantime(now - state.started_at) if state and state.started_at and
+            self.running else "",
+            app_id=self.manifest.app_id,
+            boot_progress=self.boot_progress,
+            boot_error=self.boot_error,
+            shutdown_progress=self.shutdown_progress,
+            image_version=self.image_version,
+            events=list(self.events),
+        )
+        if state and state.stopped_at and not self.running:
+            info.exited_at = humantime(now - state.stopped_at)
+        if self.instance_id:
+            info.instance_id = self.instance_id
+        if not brief:
+            info.configuration.CopyFrom(self.configuration())
+        return info
+
+    def configuration(self) -> pb.VmConfiguration:
+        m = self.manifest
+        config = pb.VmConfiguration(
+            name=m.name,
+            image=m.image,
+            compose_file=self.shared.compose,
+            vcpu=m.vcpu,
+            memory=m.memory,
+            disk_size=m.disk_size,
+            ports=[
+                pb.PortMapping(protocol=p.protocol, host_port=p.host_port, vm_port=p.vm_port,
+                               host_address=p.address)
+                for p in m.port_map
+            ],
+            encrypted_env=self.shared.encrypted_env,
+            app_id=m.app_id,
+            user_config=self.shared.user_config,
+            hugepages=m.hugepages,
+            pin_numa=m.pin_numa,
+            kms_urls=m.kms_urls,
+            gateway_urls=m.gateway_urls,
+            stopped=not self.started,
+            no_tee=m.no_tee,
+            networks=[pb.NetworkingConfig(mode=n.mode, bridge_name=n.bridge) for n in m.networks],
+        )
+        if m.networks:
+            config.networking.CopyFrom(config.networks[0])
+        if m.gpus is not None:
+            config.gpus.CopyFrom(
+                pb.GpuConfig(attach_mode=m.gpus.attach_mode,
+                             gpus=[pb.GpuSpec(slot=g.slot) for g in m.gpus.gpus])
+            )
+        return config
+
+
+def humantime(seconds: float) -> str:
+    """``1h 2m 3s``-style duration, truncated to whole seconds (``0s`` at least)."""
+    remaining = max(int(seconds), 0)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if remaining >= size:
+            parts.append(f"{remaining // size}{unit}")
+            remaining %= size
+    if remaining or not parts:
+        parts.append(f"{remaining}s")
+    return " ".join(parts)
+
+
+def process_note() -> str:
+    return json.dumps({"kind": "cvm", "live_for": None, "serial_logappend": True})

@@ -1,0 +1,190 @@
+"""A VM's work directory ``<run_path>/<id>/``: dstack's file names, written atomically.
+
+A new directory is assembled under a temporary name and renamed into place, so a crash during
+CreateVm leaves either nothing or a complete directory. Temporary directories start with
+``.creating-`` and are never mistaken for VMs; the daemon removes them at start.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmm.fsutil import atomic_write, fsync_dir
+from vmm.manifest import DesiredState, Manifest
+
+VM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CREATING_PREFIX = ".creating-"
+
+
+@dataclass(frozen=True)
+class SharedFiles:
+    """What CreateVm/UpdateVm put in ``shared/`` for the guest."""
+
+    compose: str
+    encrypted_env: bytes = b""
+    user_config: str = ""
+
+
+@dataclass(frozen=True)
+class Workdir:
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / "vm-manifest.json"
+    @property
+    def state(self) -> Path:
+        return self.path / "vm-state.json"
+    @property
+    def removing_marker(self) -> Path:
+        return self.path / ".removing"
+    @property
+    def shared(self) -> Path:
+        return self.path / "shared"
+    @property
+    def compose(self) -> Path:
+        return self.path / "shared" / "app-compose.json"
+    @property
+    def sys_config(self) -> Path:
+        return self.path / "shared" / ".sys-config.json"
+    @property
+    def encrypted_env(self) -> Path:
+        return self.path / "shared" / ".encrypted-env"
+    @property
+    def user_config(self) -> Path:
+        return self.path / "shared" / ".user-config"
+    @property
+    def instance_info(self) -> Path:
+        return self.path / "shared" / ".instance_info"
+    @property
+    def serial_log(self) -> Path:
+        return self.path / "serial.log"
+    @property
+    def stdout_log(self) -> Path:
+        return self.path / "stdout.log"
+    @property
+    def stderr_log(self) -> Path:
+        return self.path / "stderr.log"
+    @property
+    def qemu_pid(self) -> Path:
+        return self.path / "qemu.pid"
+    @property
+    def disk(self) -> Path:
+        return self.path / "hda.img"
+    @property
+    def qmp_socket(self) -> Path:
+        return self.path / "qmp.sock"
+    @property
+    def serial_pty(self) -> Path:
+        return self.path / "serial.pty"
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read_manifest(self) -> Manifest:
+        return Manifest.loads(self.manifest.read_bytes())
+
+    def read_desired(self) -> DesiredState:
+        try:
+            return DesiredState.loads(self.state.read_bytes())
+        except FileNotFoundError:
+            return DesiredState(started=False)
+
+    def read_shared(self) -> SharedFiles:
+        def read(path: Path) -> bytes:
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                return b""
+
+        return SharedFiles(
+            compose=read(self.compose).decode(errors="replace"),
+            encrypted_env=read(self.encrypted_env),
+            user_config=read(self.user_config).decode(errors="replace"),
+        )
+
+    @property
+    def is_removing(self) -> bool:
+        return self.removing_marker.exists()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        atomic_write(self.manifest, manifest.dumps())
+
+    def write_desired(self, state: DesiredState) -> None:
+        atomic_write(self.state, state.dumps())
+
+    def write_shared(self, files: SharedFiles) -> None:
+        self.shared.mkdir(exist_ok=True)
+        atomic_write(self.compose, files.compose.encode())
+        _write_or_remove(self.encrypted_env, files.encrypted_env)
+        _write_or_remove(self.user_config, files.user_config.encode())
+
+    def write_json(self, path: Path, value: object) -> None:
+        atomic_write(path, json.dumps(value, indent=2).encode() + b"\n")
+
+    def mark_removing(self) -> None:
+        atomic_write(self.removing_marker, b"")
+
+    def delete(self) -> None:
+        """Remove the directory: renamed away first, so a crash mid-delete leaves no half VM."""
+        if not self.path.exists():
+            return
+        doomed = self.path.with_name(f"{CREATING_PREFIX}deleted-{self.id}-{uuid.uuid4().hex[:8]}")
+        self.path.rename(doomed)
+        fsync_dir(self.path.parent)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def create_workdir(
+    run_path: Path, manifest: Manifest, shared: SharedFiles, started: bool
+) -> Workdir:
+    """Write a complete work directory for ``manifest`` atomically and return it."""
+    if not VM_ID_RE.match(manifest.id):
+        raise ValueError(f"bad VM id {manifest.id!r}")
+    run_path.mkdir(parents=True, exist_ok=True)
+    final = run_path / manifest.id
+    staging = Workdir(run_path / f"{CREATING_PREFIX}{manifest.id}")
+    staging.path.mkdir(mode=0o750)
+    try:
+        staging.write_manifest(manifest)
+        staging.write_shared(shared)
+        staging.write_json(staging.instance_info, {"app_id": manifest.app_id})
+        staging.write_desired(DesiredState(started=started))
+        fsync_dir(staging.path)
+        staging.path.rename(final)  # fails if `final` exists: ids never collide silently
+        fsync_dir(run_path)
+    except BaseException:
+        shutil.rmtree(staging.path, ignore_errors=True)
+        raise
+    return Workdir(final)
+
+
+def clean_staging(run_path: Path) -> list[str]:
+    """Remove leftovers of interrupted creates and deletes; return their names."""
+    removed = []
+    try:
+        entries = list(run_path.iterdir())
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.name.startswith(CREATING_PREFIX) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+def _write_or_remove(path: Path, data: bytes) -> None:
+    if data:
+        atomic_write(path, data)
+    else:
+        path.unlink(missing_ok=True)
