@@ -163,8 +163,9 @@ def test_full_lifecycle(daemon: DaemonProcess, image_dir: Path, workdir: Path) -
         info = wait_for("a graceful shutdown",
                         lambda: (i := vm_info(client, vm_id))["status"] == "stopped" and i,
                         timeout=60)
-        events = [(e["event"], e["body"]) for e in info["events"]]
-        assert ("vmm.shutdown", "graceful: the guest powered off (ACPI)") in events
+        bodies = [e["body"] for e in info["events"] if e["event"] == "vmm.shutdown"]
+        # Which path ended the VM is recorded: the guest agent, or ACPI when it did not answer.
+        assert any(b.startswith("graceful: the guest powered off (") for b in bodies), bodies
         assert qemu_pids(workdir) == []
 
         rpc(client, "StartVm", {"id": vm_id})

@@ -11,12 +11,13 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from guest_proxy.proxy import GuestProxyServicer
 from vmm.auth import AuthMiddleware
 from vmm.daemon import Daemon
 from vmm.logs import logs_route
 from vmm.middleware import RequestIdMiddleware
 from vmm.prpc import PrpcBridge, error_payload
-from vmm.rpc import vmm_rpc_pb2
+from vmm.rpc import guest_api_pb2, vmm_rpc_pb2
 from vmm.servicer import VmmServicer
 
 
@@ -27,6 +28,12 @@ def build_app(daemon: Daemon) -> Starlette:
         VmmServicer(daemon),
         max_body=config.max_request_body,
         strip_prefixes=("Teepod.",),
+    )
+
+    guest_bridge = PrpcBridge(
+        guest_api_pb2.DESCRIPTOR.services_by_name["ProxiedGuestApi"],
+        GuestProxyServicer(lambda: daemon.manager),
+        max_body=config.max_request_body,
     )
 
     @contextlib.asynccontextmanager
@@ -55,6 +62,7 @@ def build_app(daemon: Daemon) -> Starlette:
     return Starlette(
         routes=[
             vmm_bridge.route("/prpc"),
+            guest_bridge.route("/guest"),
             # Late-bound: the manager exists only once the lifespan has started the daemon.
             logs_route(lambda vm_id: daemon.manager.workdir_of(vm_id)),  # noqa: PLW0108
         ],

@@ -281,6 +281,7 @@ def validate(config: Config) -> Config:
     _positive("cvm.log.check_interval_secs", cvm.log.check_interval_secs)
     if not config.supervisor.sock:
         raise ConfigError("`supervisor.sock`: must not be empty")
+    parse_vsock_address(config.host_api.address)
     if not 0 < config.host_api.port < 2**32:
         raise ConfigError("`host_api.port`: must be a positive 32-bit port")
     return config
@@ -313,6 +314,17 @@ def parse_address(address: str) -> tuple[Literal["tcp", "unix"], str, int]:
         port = _port(port_text, address)
     _check_ip("address", host)
     return "tcp", host, port
+
+
+def parse_vsock_address(address: str) -> int:
+    """``vsock:<cid>`` (decimal or 0x hex) → the CID."""
+    kind, _, cid = address.strip().partition(":")
+    try:
+        if kind.lower() != "vsock":
+            raise ValueError
+        return int(cid, 16) if cid.lower().startswith("0x") else int(cid, 10)
+    except ValueError:
+        raise ConfigError(f"`host_api.address`: {address!r} is not \"vsock:<cid>\"") from None
 
 
 def parse_mac_prefix(prefix: str) -> bytes:

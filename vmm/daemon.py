@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmm.auth import Authenticator
-from vmm.config import Config
+from vmm.config import Config, parse_vsock_address
 from vmm.exceptions import ConfigError, SupervisorError
 from vmm.host import HostCapabilities, HostProbe, detect
+from vmm.host_api import host_api_app
 from vmm.kms import KmsClient
 from vmm.manager import Manager
+from vmm.server import bind_vsock, serve_quietly
 from vmm.supervisor.client import SupervisorClient, ensure_supervisor
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ class Daemon:
                           Path(sv.log_file).absolute(), Path(sv.state_file).absolute())
         self._manager: Manager | None = None
         self._supervisor: SupervisorClient | None = None
+        self._host_api_task: asyncio.Task[None] | None = None
 
     @property
     def manager(self) -> Manager:
@@ -72,9 +77,23 @@ class Daemon:
         self._manager = Manager(self.config, self.host, self._supervisor)
         await self._manager.load_all()
         self._manager.start_watching()
+        if self.host.channel == "vsock":
+            self._serve_host_api_on_vsock(self._manager)
+
+    def _serve_host_api_on_vsock(self, manager: Manager) -> None:
+        api = self.config.host_api
+        sock = bind_vsock(parse_vsock_address(api.address), api.port)
+        app = host_api_app(manager.channels.bridge, manager.channels.vm_for_cid,
+                           self.config.max_request_body)
+        self._host_api_task = asyncio.create_task(serve_quietly(app, [sock]))
+        log.info("host API on vsock:%s port %d", api.address, api.port)
 
     async def stop(self) -> None:
         # VMs keep running: they belong to the supervisor, which outlives us on purpose.
+        if self._host_api_task is not None:
+            self._host_api_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._host_api_task
         if self._manager is not None:
             await self._manager.close()
         if self._supervisor is not None:

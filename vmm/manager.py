@@ -35,12 +35,14 @@ from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.supervisor.client import SupervisorClient
 from vmm.supervisor.types import ProcessConfig, ProcessInfo
 from vmm.vm import Vm, process_note
+from vmm.vm_channels import ChannelHub
 from vmm.vm_request import build_vm, describe_port, find_image, ports_clash
 from vmm.workdir import VM_ID_RE, Workdir, clean_staging, create_workdir
 
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 1.0
+AGENT_SHUTDOWN_TIMEOUT = 5.0
 REMOVE_POLL = 0.5
 QEMU_IMG_TIMEOUT = 120.0
 
@@ -55,6 +57,7 @@ class Manager:
         self.cids = CidPool(config.cvm.cid_start, config.cvm.cid_pool_size)
         self._create_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self.channels = ChannelHub(self, config, host)
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -132,6 +135,9 @@ class Manager:
                 vm.add_event("vmm.start_failed", exc.message)
                 raise Unavailable(f"cannot start VM {vm_id}: {exc.message}") from None
             vm.boot_progress, vm.boot_error, vm.shutdown_progress = "booting", "", ""
+            vm.instance_id, vm.app_url = "", ""
+            await self.channels.close(vm)  # a previous boot's channels point at dead sockets
+            self.channels.open(vm)
             vm.process = await self.supervisor.info(vm.id)
             vm.add_event("vmm.started", f"pid {vm.process.state.pid if vm.process else '?'}")
             log.info("started VM %s", vm.id)
@@ -211,6 +217,7 @@ class Manager:
         if vm.process is not None or await self.supervisor.info(vm.id) is not None:
             await self.supervisor.stop(vm.id)
             vm.process = await self.supervisor.info(vm.id)
+        await self.channels.close(vm)
 
     async def shutdown(self, vm_id: str) -> None:
         """Press the ACPI power button; a watcher hard-stops the VM after the timeout."""
@@ -220,23 +227,37 @@ class Manager:
                 raise Conflict(f"VM {vm_id} is not running (status: {vm.status})")
             await self._set_started(vm, False)
             vm.shutdown_progress = "shutting down"
-            try:
-                await qmp_execute(vm.workdir.qmp_socket, "system_powerdown")
-            except Unavailable as exc:
-                await self._kill(vm)
-                vm.shutdown_progress = "stopped"
-                vm.add_event("vmm.shutdown", f"forced: ACPI unavailable ({exc.message})")
+            how = await self._request_poweroff(vm)
+            if how is None:
                 return
-            vm.add_event("vmm.shutdown", "ACPI power button pressed")
-            vm.spawn(self._finish_shutdown(vm, self.config.cvm.shutdown_timeout))
+            vm.spawn(self._finish_shutdown(vm, self.config.cvm.shutdown_timeout, how))
 
-    async def _finish_shutdown(self, vm: Vm, timeout: float) -> None:
+    async def _request_poweroff(self, vm: Vm) -> str | None:
+        """Ask the guest agent to power off, else press the ACPI power button; say which."""
+        try:
+            await self.channels.agent(vm).call("Shutdown", timeout=AGENT_SHUTDOWN_TIMEOUT)
+            vm.add_event("vmm.shutdown", "guest agent asked to power off")
+            return "guest agent"
+        except Unavailable as exc:
+            log.info("VM %s: guest agent shutdown failed (%s); using ACPI", vm.id, exc.message)
+        try:
+            await qmp_execute(vm.workdir.qmp_socket, "system_powerdown")
+        except Unavailable as exc:
+            await self._kill(vm)
+            vm.shutdown_progress = "stopped"
+            vm.add_event("vmm.shutdown", f"forced: agent and ACPI unavailable ({exc.message})")
+            return None
+        vm.add_event("vmm.shutdown", "ACPI power button pressed")
+        return "ACPI"
+
+    async def _finish_shutdown(self, vm: Vm, timeout: float, how: str) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             vm.process = await self.supervisor.info(vm.id)
             if not vm.running:
                 vm.shutdown_progress = "stopped"
-                vm.add_event("vmm.shutdown", "graceful: the guest powered off (ACPI)")
+                await self.channels.close(vm)
+                vm.add_event("vmm.shutdown", f"graceful: the guest powered off ({how})")
                 return
             await asyncio.sleep(0.2)
         async with vm.lock:
@@ -245,6 +266,12 @@ class Manager:
             await self._kill(vm)
         vm.shutdown_progress = "stopped"
         vm.add_event("vmm.shutdown", f"forced: no power-off within {timeout:g}s, hard stop")
+
+    async def set_desired(self, vm: Vm, *, started: bool) -> None:
+        await self._set_started(vm, started)
+
+    async def apply_notification(self, vm: Vm, event: str, payload: str) -> None:
+        await self.channels.apply_notification(vm, event, payload)
 
     async def _set_started(self, vm: Vm, started: bool) -> None:
         if vm.started != started or not vm.workdir.state.exists():
@@ -283,6 +310,7 @@ class Manager:
                           vm.id)
 
     async def _forget(self, vm: Vm, *, delete: bool) -> None:
+        await self.channels.close(vm)
         if delete:
             await asyncio.to_thread(vm.workdir.delete)
         self.cids.release(vm.cid)
@@ -304,7 +332,7 @@ class Manager:
             first = (max(request.page, 1) - 1) * request.page_size
             vms = vms[first : first + request.page_size]
         return pb.StatusResponse(
-            vms=[vm.info(brief=request.brief) for vm in vms],
+            vms=[vm.info(brief=request.brief, guest_channel=self.host.channel) for vm in vms],
             port_mapping_enabled=self.config.cvm.port_mapping.enabled,
             total=total,
         )
@@ -374,6 +402,7 @@ class Manager:
         if vm.running:
             vm.boot_progress = "running"
             vm.add_event("vmm.adopted", f"pid {process.state.pid if process else '?'}")
+            self.channels.open(vm)
         self.vms[manifest.id] = vm
         return vm
 
@@ -414,6 +443,7 @@ class Manager:
                 how = (f"exit code {state.exit_code}" if state.exit_code is not None
                        else f"signal {state.signal}" if state.signal is not None else "unknown")
                 vm.add_event("vmm.exited", f"QEMU {state.status} ({how})")
+                await self.channels.close(vm)
 
 
 async def _run(argv: list[str], timeout: float) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,7 +41,9 @@ class CallContext:
 
     request_id: str
     client: str
-    headers: dict[str, str]
+    headers: Mapping[str, str]
+    # Set when the caller is a VM (host API): the VM the channel or vsock CID belongs to.
+    vm_id: str = ""
 
 
 class Handler(Protocol):
@@ -100,26 +102,44 @@ class PrpcBridge:
 
     async def endpoint(self, request: Request) -> Response:
         use_json = wants_json(request)
+        query: str | None = None
+        body = b""
+        if request.method == "GET":
+            query = request.url.query
+        else:
+            try:
+                body = await read_body(request, self.max_body)
+            except VmmError as exc:
+                return error_response(exc, use_json=use_json)
+        status, media_type, payload = await self.dispatch(
+            request.path_params["method"], body, use_json=use_json, ctx=call_context(request),
+            query=query,
+        )
+        return Response(payload, status_code=status, media_type=media_type)
+
+    async def dispatch(
+        self, name: str, body: bytes, *, use_json: bool, ctx: CallContext, query: str | None = None
+    ) -> tuple[int, str, bytes]:
+        """Decode, call and encode one RPC: (status, media type, body). Shared by every transport."""
         try:
-            method = self.resolve(request.path_params["method"])
-            message = await self._decode(request, method, use_json=use_json)
-            result = await method.handler(message, call_context(request))
+            method = self.resolve(name)
+            if query is not None:
+                message = codec.from_query_string(query, method.input_class)
+            elif use_json:
+                message = codec.from_json_bytes(body, method.input_class)
+            else:
+                message = codec.from_protobuf_bytes(body, method.input_class)
+            result = await method.handler(message, ctx)
             if not isinstance(result, method.output_class):
                 raise TypeError(
                     f"{method.name} returned {type(result).__name__}, "
                     f"expected {method.output_class.__name__}"
                 )
         except VmmError as exc:
-            return error_response(exc, use_json=use_json)
-        return encode_response(result, use_json=use_json)
-
-    async def _decode(self, request: Request, method: _Method, *, use_json: bool) -> Message:
-        if request.method == "GET":
-            return codec.from_query_string(request.url.query, method.input_class)
-        body = await read_body(request, self.max_body)
+            return error_parts(exc.message, exc.code, exc.status_code, use_json=use_json)
         if use_json:
-            return codec.from_json_bytes(body, method.input_class)
-        return codec.from_protobuf_bytes(body, method.input_class)
+            return 200, JSON_TYPE, codec.to_json_bytes(result)
+        return 200, PROTOBUF_TYPE, result.SerializeToString()
 
 
 def wants_json(request: Request) -> bool:
@@ -151,30 +171,21 @@ def call_context(request: Request) -> CallContext:
     return CallContext(
         request_id=getattr(request.state, "request_id", ""),
         client=f"{client.host}:{client.port}" if client else "unix",
-        headers={k.lower(): v for k, v in request.headers.items()},
+        headers=request.headers,
     )
-
-
-def encode_response(message: Message, *, use_json: bool) -> Response:
-    if use_json:
-        return Response(codec.to_json_bytes(message), media_type=JSON_TYPE)
-    return Response(message.SerializeToString(), media_type=PROTOBUF_TYPE)
 
 
 def error_response(exc: VmmError, *, use_json: bool) -> Response:
     return error_payload(exc.message, exc.code, exc.status_code, use_json=use_json)
 
 
-def error_payload(message: str, code: str, status: int, *, use_json: bool) -> Response:
+def error_parts(message: str, code: str, status: int, *, use_json: bool) -> tuple[int, str, bytes]:
     if use_json:
         body: dict[str, Any] = {"error": message, "message": message, "code": code}
-        return Response(
-            json.dumps(body, indent=2, ensure_ascii=False).encode(),
-            status_code=status,
-            media_type=JSON_TYPE,
-        )
-    return Response(
-        prpc_pb2.PrpcError(message=message).SerializeToString(),
-        status_code=status,
-        media_type=PROTOBUF_TYPE,
-    )
+        return status, JSON_TYPE, json.dumps(body, indent=2, ensure_ascii=False).encode()
+    return status, PROTOBUF_TYPE, prpc_pb2.PrpcError(message=message).SerializeToString()
+
+
+def error_payload(message: str, code: str, status: int, *, use_json: bool) -> Response:
+    status, media_type, body = error_parts(message, code, status, use_json=use_json)
+    return Response(body, status_code=status, media_type=media_type)

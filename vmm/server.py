@@ -42,6 +42,18 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bind_vsock(cid: int, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        sock.bind((cid, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"`host_api`: cannot listen on vsock:{cid}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
 def bind_unix(path: Path) -> socket.socket:
     """Bind a 0600 Unix socket, replacing a stale socket file but never a live one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +136,22 @@ class _Server(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+class _QuietServer(uvicorn.Server):
+    """A server that leaves signals to the main one."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve_quietly(app: ASGIApp, sockets: list[socket.socket]) -> None:
+    """A second, signal-free server (the vsock host API); it stops when cancelled."""
+    server = _QuietServer(
+        uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False)
+    )
+    await server.serve(sockets=sockets)
 
 
 async def serve(app: ASGIApp, config: Config, sockets: list[socket.socket]) -> None:

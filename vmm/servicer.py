@@ -143,7 +143,8 @@ class VmmServicer:
         vm = self.daemon.manager.vms.get(_vm_id(request))
         if vm is None:
             return pb.GetInfoResponse(found=False)
-        return pb.GetInfoResponse(found=True, info=vm.info(brief=False))
+        info = vm.info(brief=False, guest_channel=self.daemon.host.channel)
+        return pb.GetInfoResponse(found=True, info=info)
 
     async def UpdateVm(self, request: pb.UpdateVmRequest, ctx: CallContext) -> pb.Id:
         raise NotImplementedYet("UpdateVm")

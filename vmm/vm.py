@@ -15,6 +15,8 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vmm.guest_channel import GuestAgentClient
+from vmm.host_api import HostApiLink
 from vmm.manifest import Manifest
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.supervisor.types import ProcessInfo
@@ -40,6 +42,10 @@ class Vm:
     events: deque[pb.GuestEvent] = field(default_factory=lambda: deque(maxlen=20))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    # Guest channels, open while QEMU runs (see Manager.open_channels).
+    agent: GuestAgentClient | None = None
+    host_link: HostApiLink | None = None
+    app_url: str = ""
 
     @property
     def id(self) -> str:
@@ -69,7 +75,7 @@ class Vm:
         task.add_done_callback(self.background.discard)
         return task
 
-    def info(self, *, brief: bool, now: float | None = None) -> pb.VmInfo:
+    def info(self, *, brief: bool, guest_channel: str = "", now: float | None = None) -> pb.VmInfo:
         now = time.time() if now is None else now
         state = self.process.state if self.process else None
         info = pb.VmInfo(
@@ -84,11 +90,14 @@ class Vm:
             shutdown_progress=self.shutdown_progress,
             image_version=self.image_version,
             events=list(self.events),
+            guest_channel=guest_channel,
         )
         if state and state.stopped_at and not self.running:
             info.exited_at = humantime(now - state.stopped_at)
         if self.instance_id:
             info.instance_id = self.instance_id
+        if self.app_url:
+            info.app_url = self.app_url
         if not brief:
             info.configuration.CopyFrom(self.configuration())
         return info

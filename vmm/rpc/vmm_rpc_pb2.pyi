@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VmInfo(_message.Message):
-    __slots__ = ("id", "name", "status", "uptime", "app_url", "app_id", "instance_id", "configuration", "exited_at", "boot_progress", "boot_error", "shutdown_progress", "image_version", "events", "interfaces")
+    __slots__ = ("id", "name", "status", "uptime", "app_url", "app_id", "instance_id", "configuration", "exited_at", "boot_progress", "boot_error", "shutdown_progress", "image_version", "events", "interfaces", "guest_channel")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class VmInfo(_message.Message):
     IMAGE_VERSION_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    GUEST_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     status: str
@@ -39,7 +40,8 @@ class VmInfo(_message.Message):
     image_version: str
     events: _containers.RepeatedCompositeFieldContainer[GuestEvent]
     interfaces: _containers.RepeatedCompositeFieldContainer[NetworkInterfaceStatus]
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[str] = ..., uptime: _Optional[str] = ..., app_url: _Optional[str] = ..., app_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., configuration: _Optional[_Union[VmConfiguration, _Mapping]] = ..., exited_at: _Optional[str] = ..., boot_progress: _Optional[str] = ..., boot_error: _Optional[str] = ..., shutdown_progress: _Optional[str] = ..., image_version: _Optional[str] = ..., events: _Optional[_Iterable[_Union[GuestEvent, _Mapping]]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterfaceStatus, _Mapping]]] = ...) -> None: ...
+    guest_channel: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[str] = ..., uptime: _Optional[str] = ..., app_url: _Optional[str] = ..., app_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., configuration: _Optional[_Union[VmConfiguration, _Mapping]] = ..., exited_at: _Optional[str] = ..., boot_progress: _Optional[str] = ..., boot_error: _Optional[str] = ..., shutdown_progress: _Optional[str] = ..., image_version: _Optional[str] = ..., events: _Optional[_Iterable[_Union[GuestEvent, _Mapping]]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterfaceStatus, _Mapping]]] = ..., guest_channel: _Optional[str] = ...) -> None: ...
 
 class NetworkInterfaceStatus(_message.Message):
     __slots__ = ("mode", "backend", "mac", "bridge_name", "netdev_id")

@@ -1,0 +1,67 @@
+"""``/guest/<Method>``: forward a guest API call to the agent inside the VM named by ``id``.
+
+The agent is called with pRPC JSON over the VM's channel (vsock or the serial fallback) and its
+answer is decoded into the method's message, so the caller gets it in the encoding it asked
+for (JSON or protobuf). A VM that is not running, or an agent that does not answer in time,
+is a clear 409 or 503 naming the state: never a hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+
+from vmm import codec
+from vmm.exceptions import Conflict, InvalidField, Unavailable
+from vmm.prpc import CallContext
+from vmm.rpc import guest_api_pb2 as gpb
+
+if TYPE_CHECKING:
+    from vmm.manager import Manager
+
+M = TypeVar("M", bound=Message)
+
+AGENT_TIMEOUT = 10.0
+
+
+class GuestProxyServicer:
+    def __init__(self, manager: Callable[[], Manager], timeout: float = AGENT_TIMEOUT) -> None:
+        # A getter: the manager exists only once the daemon has started.
+        self._manager = manager
+        self.timeout = timeout
+
+    async def _forward(self, method: str, request: gpb.Id, output: type[M]) -> M:
+        if not request.id:
+            raise InvalidField("id", "is required")
+        manager = self._manager()
+        vm = manager.get(request.id)
+        if not vm.running:
+            raise Conflict(f"VM {vm.id} is not running (status: {vm.status})")
+        try:
+            value = await manager.channels.agent(vm).call(method, timeout=self.timeout)
+        except Unavailable as exc:
+            raise Unavailable(f"guest agent of VM {vm.id} did not answer {method}: {exc.message}") from None
+        try:
+            message = codec.from_json_value(value, output)
+        except ValueError as exc:
+            raise Unavailable(f"guest agent of VM {vm.id} sent a malformed {method} answer: {exc}") from None
+        assert isinstance(message, output)
+        return message
+
+    async def Info(self, request: gpb.Id, ctx: CallContext) -> gpb.GuestInfo:
+        return await self._forward("Info", request, gpb.GuestInfo)
+
+    async def SysInfo(self, request: gpb.Id, ctx: CallContext) -> gpb.SystemInfo:
+        return await self._forward("SysInfo", request, gpb.SystemInfo)
+
+    async def NetworkInfo(self, request: gpb.Id, ctx: CallContext) -> gpb.NetworkInformation:
+        return await self._forward("NetworkInfo", request, gpb.NetworkInformation)
+
+    async def ListContainers(self, request: gpb.Id, ctx: CallContext) -> gpb.ListContainersResponse:
+        return await self._forward("ListContainers", request, gpb.ListContainersResponse)
+
+    async def Shutdown(self, request: gpb.Id, ctx: CallContext) -> Empty:
+        return await self._forward("Shutdown", request, Empty)

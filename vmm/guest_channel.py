@@ -1,0 +1,227 @@
+"""Talking to a VM: one request/response exchange over two transports.
+
+An exchange is ``(path, content_type, body) -> (status, content_type, body)``: a pRPC call
+without the HTTP around it. Two transports carry it:
+
+* ``VsockHttpTransport`` — production: one HTTP/1.1 connection per call to the guest agent at
+  ``(cid, 8000)``. The socket comes from a factory, so tests swap AF_VSOCK for a TCP or Unix
+  socket and run the very same code.
+* ``SerialTransport`` — where /dev/vhost-vsock is missing: one long-lived connection to the
+  Unix socket QEMU exposes for the VM's virtio-serial port, carrying frames
+  (``guest_agent.framing``). Calls are multiplexed by id, so concurrent callers are safe;
+  answers for ids nobody waits for are dropped, so a reconnect never desynchronises the stream.
+
+``GuestAgentClient`` layers pRPC JSON on top. Every call has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from guest_agent.framing import (
+    REQUEST,
+    RESPONSE,
+    FrameDecoder,
+    FrameError,
+    decode_response,
+    encode_frame,
+    encode_request,
+)
+from vmm.exceptions import Unavailable
+
+log = logging.getLogger(__name__)
+
+AGENT_VSOCK_PORT = 8000
+DEFAULT_TIMEOUT = 10.0
+MAX_RESPONSE = 8 * 1024 * 1024
+
+Exchange = tuple[int, str, bytes]
+SocketFactory = Callable[[], Awaitable[socket.socket]]
+
+
+class Transport(Protocol):
+    async def exchange(self, path: str, content_type: str, body: bytes, timeout: float) -> Exchange: ...
+
+    async def close(self) -> None: ...
+
+
+class ChannelError(Unavailable):
+    """The VM did not answer (not connected, no reply in time, or a broken reply)."""
+
+
+def vsock_factory(cid: int, port: int = AGENT_VSOCK_PORT) -> SocketFactory:
+    async def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (cid, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return connect
+
+
+class VsockHttpTransport:
+    """HTTP/1.1, one connection per call, over whatever stream socket the factory gives."""
+
+    def __init__(self, connect: SocketFactory, host: str = "guest") -> None:
+        self._connect = connect
+        self._host = host
+
+    async def exchange(self, path: str, content_type: str, body: bytes, timeout: float) -> Exchange:
+        try:
+            return await asyncio.wait_for(self._exchange(path, content_type, body), timeout)
+        except TimeoutError:
+            raise ChannelError(f"no answer within {timeout:g}s") from None
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            raise ChannelError(f"{type(exc).__name__}: {exc}") from None
+
+    async def _exchange(self, path: str, content_type: str, body: bytes) -> Exchange:
+        sock = await self._connect()
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: {self._host}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+            status_line = await reader.readline()
+            parts = status_line.decode("latin-1").split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+                raise ValueError(f"not an HTTP response: {status_line[:80]!r}")
+            status = int(parts[1])
+            headers: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if "content-length" in headers:
+                length = int(headers["content-length"])
+                if length > MAX_RESPONSE:
+                    raise ValueError(f"response of {length} bytes is too large")
+                payload = await reader.readexactly(length)
+            else:
+                payload = await reader.read(MAX_RESPONSE)
+            return status, headers.get("content-type", ""), payload
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def close(self) -> None:
+        """Nothing is kept open between calls."""
+
+
+class SerialTransport:
+    """Frames over the Unix socket QEMU serves for a virtio-serial port; calls multiplexed."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[bytes]] = {}
+        # Random start: ids from before a daemon restart never match this run's calls.
+        self._ids = itertools.count(random.getrandbits(48))
+        self._connect_lock = asyncio.Lock()
+        self._closed = False
+
+    async def exchange(self, path: str, content_type: str, body: bytes, timeout: float) -> Exchange:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        request_id = next(self._ids)
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._pending[request_id] = future
+        try:
+            writer = await asyncio.wait_for(self._connected(), timeout)
+            writer.write(encode_frame(REQUEST, request_id, encode_request(path, content_type, body)))
+            await asyncio.wait_for(writer.drain(), max(deadline - loop.time(), 0.01))
+            payload = await asyncio.wait_for(future, max(deadline - loop.time(), 0.01))
+            return decode_response(payload)
+        except TimeoutError:
+            raise ChannelError(f"no answer within {timeout:g}s on {self.socket_path.name}") from None
+        except (OSError, FrameError, ConnectionError) as exc:
+            raise ChannelError(f"{self.socket_path.name}: {exc}") from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _connected(self) -> asyncio.StreamWriter:
+        async with self._connect_lock:
+            if self._closed:
+                raise ConnectionError("channel closed")
+            if self._writer is not None and not self._writer.is_closing():
+                return self._writer
+            reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+            self._writer = writer
+            self._reader_task = asyncio.create_task(self._read(reader, writer))
+            return writer
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        try:
+            while data := await reader.read(65536):
+                for frame in decoder.feed(data):
+                    future = self._pending.get(frame.id) if frame.kind == RESPONSE else None
+                    if future is not None and not future.done():
+                        future.set_result(frame.payload)
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            if decoder.skipped:
+                log.info("%s: skipped %d stray bytes", self.socket_path, decoder.skipped)
+            if self._writer is writer:
+                self._writer = None
+            writer.close()
+            # Calls in flight cannot be answered on this connection any more: fail them now
+            # rather than at their timeout.
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionError("the VM side closed the channel"))
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader_task
+
+
+class AgentError(Unavailable):
+    """The guest agent answered with an error."""
+
+
+class GuestAgentClient:
+    """pRPC JSON calls to the guest agent's ``/api/<Method>``."""
+
+    def __init__(self, transport: Transport, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.transport = transport
+        self.timeout = timeout
+
+    async def call(self, method: str, request: Any = None, timeout: float | None = None) -> Any:
+        body = b"" if request is None else json.dumps(request).encode()
+        status, _, payload = await self.transport.exchange(
+            f"/api/{method}?json", "application/json", body, timeout or self.timeout
+        )
+        try:
+            value = json.loads(payload) if payload.strip() else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise AgentError(f"guest agent sent a non-JSON answer to {method}") from None
+        if status != 200:
+            message = value.get("error") if isinstance(value, dict) else None
+            raise AgentError(f"guest agent refused {method}: {message or f'HTTP {status}'}")
+        return value
+
+    async def close(self) -> None:
+        await self.transport.close()
