@@ -94,7 +94,7 @@ class Manager:
             try:
                 await self.start(manifest.id)
             except BaseException:
-                await self._forget(vm, delete=True)
+                await self._rollback(vm)
                 raise
         return manifest.id
 
@@ -308,6 +308,14 @@ class Manager:
         except Exception:
             log.exception("removing VM %s failed; it stays 'removing' and is retried at start",
                           vm.id)
+
+    async def _rollback(self, vm: Vm) -> None:
+        """Undo a create whose start failed; a QEMU that did start must not outlive its dir."""
+        with contextlib.suppress(SupervisorError):
+            if await self.supervisor.info(vm.id) is not None:
+                await self.supervisor.stop(vm.id)
+                await self.supervisor.remove(vm.id)
+        await self._forget(vm, delete=True)
 
     async def _forget(self, vm: Vm, *, delete: bool) -> None:
         await self.channels.close(vm)
