@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from dataclasses import dataclass
 
 MAGIC = b"\x7fVMM"
 REQUEST = 1
@@ -45,11 +44,15 @@ class FrameError(ValueError):
     """A message cannot be framed (too large) or an envelope is malformed."""
 
 
-@dataclass(frozen=True)
 class Frame:
-    kind: int
-    id: int
-    payload: bytes
+    """One decoded frame. A plain class: importing dataclasses costs ~0.1 s of guest boot."""
+
+    __slots__ = ("id", "kind", "payload")
+
+    def __init__(self, kind: int, id: int, payload: bytes) -> None:
+        self.kind = kind
+        self.id = id
+        self.payload = payload
 
 
 def encode_frame(kind: int, request_id: int, payload: bytes) -> bytes:

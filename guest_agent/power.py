@@ -120,11 +120,14 @@ def power_off(console: Console) -> None:
         SYSRQ_TRIGGER.write_text("o")
 
 
-def on_power_button(console: Console) -> Callable[[], None]:
-    """Build the default action: log, then power off."""
+def on_power_button(console: Console, off: Callable[[], None] | None = None) -> Callable[[], None]:
+    """Build the action: log, then power off (or run ``off``, which tells the host first)."""
 
     def action() -> None:
         console.log("power button, powering off")
-        power_off(console)
+        if off is None:
+            power_off(console)
+        else:
+            off()
 
     return action

@@ -24,6 +24,8 @@ def test_agent_process_reports_boot_serves_and_stops_on_sigterm(tmp_path: Path) 
     argv = [
         sys.executable, "-m", "guest_agent", "--console", str(console), "--share-dir", str(share),
         "--no-mount", "--no-power-button", "--http-host", "127.0.0.1", "--http-port", "0",
+        "--no-vsock", "--no-poweroff", "--state-dir", str(tmp_path / "state"),
+        "--run-dir", str(tmp_path / "run"),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
