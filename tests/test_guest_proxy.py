@@ -161,8 +161,8 @@ def test_paused_guest_times_out_instead_of_hanging(booted: tuple[DaemonProcess, 
              lambda: guest(daemon, "SysInfo", vm_id)["num_cpus"] == VCPU, timeout=30)
 
 
-def test_guest_shutdown_then_stopped_vm_and_killed_agent(workdir_image: tuple[Path, Path]) -> None:
-    """/guest/Shutdown powers off (progress recorded); a stopped VM is 409; a killed VM 503s."""
+def test_shutdowns_stopped_vm_and_killed_agent(workdir_image: tuple[Path, Path]) -> None:
+    """ShutdownVm and /guest/Shutdown go through the agent; stopped VMs 409; a killed VM 503s."""
     workdir, image = workdir_image
     daemon = start_daemon(workdir, extra_config=qemu_config(image))
     try:
@@ -170,6 +170,14 @@ def test_guest_shutdown_then_stopped_vm_and_killed_agent(workdir_image: tuple[Pa
             vm_id = rpc(client, "CreateVm", {"name": "short", "image": image.name,
                                              "compose_file": COMPOSE, "vcpu": 1, "memory": 512,
                                              "disk_size": 2})["id"]
+            wait_for("boot", lambda: vm_info(client, vm_id)["boot_progress"] == "done", 180)
+            assert rpc(client, "ShutdownVm", {"id": vm_id}) is None
+            info = wait_for("power-off", lambda: (i := vm_info(client, vm_id))["status"] == "stopped"
+                            and i, timeout=60)
+            bodies = [e["body"] for e in info["events"] if e["event"] == "vmm.shutdown"]
+            assert "graceful: the guest powered off (guest agent)" in bodies
+
+            rpc(client, "StartVm", {"id": vm_id})
             wait_for("boot", lambda: vm_info(client, vm_id)["boot_progress"] == "done", 180)
             assert guest(daemon, "Shutdown", vm_id) is None
             info = wait_for("power-off", lambda: (i := vm_info(client, vm_id))["status"] == "stopped"
