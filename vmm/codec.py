@@ -56,25 +56,74 @@ def to_json_bytes(message: Message) -> bytes:
     return json.dumps(to_json_value(message), separators=(",", ":"), ensure_ascii=False).encode()
 
 
+# How a field's value becomes JSON: as is, a nested message, hex bytes, or a float that may be NaN.
+_AS_IS, _NESTED, _HEX, _FLOAT = range(4)
+
+
+class _Plan:
+    """Per message type: every field at its JSON default, and how to convert a set field.
+
+    Encoding starts from the defaults and converts only the fields ``ListFields`` reports as set
+    (a C call), instead of reading every field through the descriptor: Status with 1,000 VMs is
+    mostly unset fields, and this is what keeps it fast.
+    """
+
+    __slots__ = ("defaults", "kinds", "repeated")
+
+    def __init__(self, descriptor: Descriptor) -> None:
+        self.defaults: dict[str, Any] = {}
+        self.kinds: dict[str, tuple[int, bool]] = {}
+        repeated = []
+        for field in descriptor.fields:
+            kind = (_NESTED if field.type == FieldDescriptor.TYPE_MESSAGE
+                    else _HEX if field.type == FieldDescriptor.TYPE_BYTES
+                    else _FLOAT if field.type in _FLOATS else _AS_IS)
+            self.kinds[field.name] = (kind, field.is_repeated)
+            if field.is_repeated:
+                self.defaults[field.name] = None  # replaced by a fresh list per message
+                repeated.append(field.name)
+            elif field.has_presence:
+                self.defaults[field.name] = None
+            else:
+                self.defaults[field.name] = _convert(kind, field.default_value)
+        self.repeated = tuple(repeated)
+
+
+_PLANS: dict[Descriptor, _Plan] = {}
+
+
 def _message_to_dict(message: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for field in _descriptor(message).fields:
-        value = getattr(message, field.name)
-        if field.is_repeated:
-            out[field.name] = [_value_to_json(field, item) for item in value]
-        elif field.has_presence and not message.HasField(field.name):
-            out[field.name] = None
+    descriptor = _descriptor(message)
+    plan = _PLANS.get(descriptor)
+    if plan is None:
+        plan = _PLANS[descriptor] = _Plan(descriptor)
+    out = plan.defaults.copy()
+    for name in plan.repeated:
+        out[name] = []
+    kinds = plan.kinds
+    for field, value in message.ListFields():
+        name = field.name
+        kind, repeated = kinds[name]
+        if repeated:
+            if kind == _NESTED:
+                out[name] = [_message_to_dict(item) for item in value]
+            elif kind == _AS_IS:
+                out[name] = list(value)
+            else:
+                out[name] = [_convert(kind, item) for item in value]
+        elif kind == _NESTED:
+            out[name] = _message_to_dict(value)
+        elif kind == _AS_IS:
+            out[name] = value
         else:
-            out[field.name] = _value_to_json(field, value)
+            out[name] = _convert(kind, value)
     return out
 
 
-def _value_to_json(field: FieldDescriptor, value: Any) -> Any:
-    if field.type == FieldDescriptor.TYPE_MESSAGE:
-        return _message_to_dict(value)
-    if field.type == FieldDescriptor.TYPE_BYTES:
+def _convert(kind: int, value: Any) -> Any:
+    if kind == _HEX:
         return bytes(value).hex()
-    if field.type in _FLOATS and not math.isfinite(value):
+    if kind == _FLOAT and not math.isfinite(value):
         # JSON has no NaN/Infinity; serde_json writes null for them.
         return None
     return value
