@@ -7,6 +7,8 @@ use it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from vmm.exceptions import ResourceExhausted
 
 
@@ -29,11 +31,28 @@ class CidPool:
         )
 
     def occupy(self, cid: int, owner: str) -> bool:
-        """Claim a specific CID (a running VM's, recovered at start); False if taken or outside."""
-        if not self.start <= cid < self.start + self.size or cid in self._owner:
+        """Claim a specific CID (a running VM's, recovered at start); False if taken or outside.
+
+        Claiming a CID the same owner already holds succeeds: reconciliation reserves the CIDs
+        of running processes before it loads their VMs.
+        """
+        if not self.start <= cid < self.start + self.size:
             return False
+        holder = self._owner.get(cid)
+        if holder is not None:
+            return holder == owner
         self._owner[cid] = owner
         return True
+
+    def contains(self, cid: int) -> bool:
+        return self.start <= cid < self.start + self.size
+
+    def owners(self) -> dict[int, str]:
+        return dict(self._owner)
+
+    def reset(self, owners: Mapping[int, str]) -> None:
+        """Replace every assignment at once (reconciliation rebuilds the whole table)."""
+        self._owner = {cid: owner for cid, owner in owners.items() if self.contains(cid)}
 
     def release(self, cid: int) -> None:
         self._owner.pop(cid, None)

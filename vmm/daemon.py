@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from vmm.auth import Authenticator
@@ -14,6 +13,7 @@ from vmm.exceptions import ConfigError, SupervisorError
 from vmm.host import HostCapabilities, HostProbe, detect
 from vmm.host_api import host_api_app
 from vmm.kms import KmsClient
+from vmm.limits import ResourceUsage, usage
 from vmm.manager import Manager
 from vmm.server import bind_vsock, serve_quietly
 from vmm.supervisor.client import SupervisorClient, ensure_supervisor
@@ -23,13 +23,6 @@ log = logging.getLogger(__name__)
 # <run_path>/<36-char uuid>/host-api.sock must fit in AF_UNIX's 108 bytes.
 _LONGEST_VM_SOCKET = len("/12345678-1234-1234-1234-123456789abc/host-api.sock")
 _UNIX_PATH_MAX = 107
-
-
-@dataclass(frozen=True)
-class ResourceUsage:
-    vms: int
-    vcpu: int
-    memory_mb: int
 
 
 class Daemon:
@@ -101,11 +94,7 @@ class Daemon:
         await self.kms.aclose()
 
     def resource_usage(self) -> ResourceUsage:
+        """What the VMs reserve, by the rule CreateVm/StartVm/ResizeVm enforce (``limits``)."""
         if self._manager is None:
             return ResourceUsage(0, 0, 0)
-        vms = list(self._manager.vms.values())
-        return ResourceUsage(
-            vms=len(vms),
-            vcpu=sum(vm.manifest.vcpu for vm in vms),
-            memory_mb=sum(vm.manifest.memory for vm in vms),
-        )
+        return usage(self._manager.vms.values())
