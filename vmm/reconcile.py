@@ -1,0 +1,280 @@
+"""Reconciliation: make the registry match the work directories and the supervisor's processes.
+
+One procedure serves daemon start (``load_all``) and ReloadVms (``reload``):
+
+1. **Known VMs are re-read** (not at start, where none are known). Each VM's manifest, desired
+   state and shared files are read under the VM's lock, so no lifecycle call is half-way through
+   writing them; the configuration is swapped in and the runtime state (process, events, boot
+   progress, CID) is kept. A VM counts as ``updated`` only if something on disk differed from
+   memory, so a reload with no edits reports nothing. A directory that no longer parses keeps
+   its last good configuration (logged).
+2. **CIDs are rebuilt** from the supervisor's running VM processes and the VMs in memory. A
+   running process keeps its CID whoever else held it ("running wins"; the loser gets a fresh
+   CID for its next start), a stopped VM keeps its own otherwise, and CIDs owned by nobody are
+   freed. The CID of a running process that has no VM (an orphan) stays reserved while it runs,
+   so it is never handed to a second VM.
+3. **Vanished directories**: their VMs are forgotten (``removed``), after their QEMU is stopped and
+   dropped from the supervisor. Nothing on disk is touched.
+4. **New directories** are loaded (``loaded``): an update journal a crash left behind is rolled
+   forward first (``vm_update.finish_pending``), then the VM is built by the manager
+   (``Manager._load_one``), adopting its QEMU if the supervisor runs it.
+5. **Orphans**, supervisor VM processes with no loadable directory, are reported in the log and
+   left alone: never stopped, never deleted (their directory may come back, or an operator may
+   want to look at them).
+6. **Desired state is applied**: ``.removing`` directories finish their removal, and VMs whose
+   ``vm-state.json`` says started but which do not run are started, in the background.
+
+At start, leftovers of interrupted creates and deletes (``.creating-*``) are removed first; on
+ReloadVms they are not, since one may belong to a create in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vmm.exceptions import InvalidField, SupervisorError, VmmError
+from vmm.manifest import DesiredState, Manifest, ManifestError
+from vmm.supervisor.types import ProcessInfo
+from vmm.vm_request import find_image
+from vmm.vm_update import finish_pending
+from vmm.workdir import SharedFiles, Workdir, clean_staging
+
+if TYPE_CHECKING:
+    from vmm.manager import Manager
+    from vmm.vm import Vm
+
+log = logging.getLogger(__name__)
+
+_OnDisk = tuple[Manifest, DesiredState, SharedFiles]
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    loaded: int = 0
+    updated: int = 0
+    removed: int = 0
+
+
+async def load_all(manager: Manager) -> ReloadResult:
+    """Daemon start: rebuild the registry from disk and adopt what the supervisor still runs."""
+    for leftover in await asyncio.to_thread(clean_staging, manager.run_path):
+        log.info("removed leftover of an interrupted create/delete: %s", leftover)
+    result = await reconcile(manager)
+    log.info("loaded %d VMs (%d running)", len(manager.vms),
+             sum(1 for vm in manager.vms.values() if vm.running))
+    return result
+
+
+async def reload(manager: Manager) -> ReloadResult:
+    """ReloadVms: pick up directories added, changed or removed behind the daemon's back."""
+    result = await reconcile(manager)
+    log.info("reload: %d loaded, %d updated, %d removed", result.loaded, result.updated,
+             result.removed)
+    return result
+
+
+async def reconcile(manager: Manager) -> ReloadResult:
+    updated = await _reread_known(manager)
+    # Held while CIDs are rebuilt and new VMs registered: CreateVm allocates CIDs and adds VMs
+    # under the same lock. No VM lock is taken inside it (lock order is VM lock, then this one).
+    async with manager._create_lock:
+        processes = {p.config.id: p for p in await manager.supervisor.list()}
+        present, new = await asyncio.to_thread(_scan, manager.run_path, set(manager.vms))
+        running = {pid: p for pid, p in processes.items() if _is_running_cvm(p)}
+        _rebuild_cids(manager, running)
+        vanished = [vm for vm in manager.vms.values()
+                    if not vm.removing and vm.id not in present]
+        loaded: list[Vm] = []
+        for name in new:
+            try:
+                vm = manager._load_one(Workdir(manager.run_path / name), processes.get(name))
+            except VmmError as exc:
+                log.warning("leaving %s untouched: %s", manager.run_path / name, exc.message)
+                continue
+            if vm is not None:
+                loaded.append(vm)
+        for process_id, process in running.items():
+            if process_id not in manager.vms:
+                log.warning(
+                    "orphan: supervisor runs %s (%s, pid %s, CID %s) but no VM directory loads "
+                    "for it; leaving it alone (its CID stays reserved)", process_id,
+                    process.config.name, process.state.pid, process.config.cid)
+    for vm in vanished:
+        await _drop_vanished(manager, vm)
+    for vm in loaded:
+        if vm.removing:
+            vm.spawn(manager._finish_removal(vm))
+    for vm in list(manager.vms.values()):
+        if vm.started and not vm.running and not vm.removing:
+            vm.spawn(_start(manager, vm))
+    return ReloadResult(loaded=len(loaded), updated=updated, removed=len(vanished))
+
+
+# -- step 1: known VMs ------------------------------------------------------------------------
+
+
+async def _reread_known(manager: Manager) -> int:
+    known = [vm for vm in manager.vms.values() if not vm.removing]
+    # Free locks are taken all at once without waiting (no await between the check and the
+    # acquire), and their directories read in one worker thread: 1,000 VMs cost one hop.
+    idle = [vm for vm in known if not vm.lock.locked()]
+    busy = [vm for vm in known if vm.lock.locked()]
+    for vm in idle:
+        await vm.lock.acquire()
+    updated = 0
+    try:
+        found = await asyncio.to_thread(_read_many, [vm.workdir for vm in idle])
+        for vm, on_disk in zip(idle, found, strict=True):
+            updated += _swap(manager, vm, on_disk)
+    finally:
+        for vm in idle:
+            vm.lock.release()
+    for vm in busy:
+        async with vm.lock:
+            if vm.removing or manager.vms.get(vm.id) is not vm:
+                continue
+            on_disk = (await asyncio.to_thread(_read_many, [vm.workdir]))[0]
+            updated += _swap(manager, vm, on_disk)
+    return updated
+
+
+def _read_many(workdirs: list[Workdir]) -> list[_OnDisk | Exception | None]:
+    """Each directory's manifest, desired state and shared files; None if it is gone."""
+    found: list[_OnDisk | Exception | None] = []
+    for wd in workdirs:
+        try:
+            finish_pending(wd)
+            found.append((wd.read_manifest(), wd.read_desired(), wd.read_shared()))
+        except FileNotFoundError:
+            found.append(None if not wd.path.exists() else FileNotFoundError(wd.manifest))
+        except (OSError, ManifestError) as exc:
+            found.append(exc)
+    return found
+
+
+def _swap(manager: Manager, vm: Vm, on_disk: _OnDisk | Exception | None) -> bool:
+    if on_disk is None:
+        return False  # the directory vanished: step 3 deals with it
+    if isinstance(on_disk, Exception):
+        log.warning("VM %s: keeping the loaded configuration, cannot re-read %s: %s",
+                    vm.id, vm.workdir.path, on_disk)
+        return False
+    manifest, desired, shared = on_disk
+    if manifest.id != vm.id:
+        log.warning("VM %s: keeping the loaded configuration, the manifest on disk names %r",
+                    vm.id, manifest.id)
+        return False
+    if manifest == vm.manifest and shared == vm.shared and desired.started == vm.started:
+        return False
+    if manifest.image != vm.manifest.image:
+        try:
+            vm.image_version = find_image(manager.config, manifest.image).version
+        except InvalidField:
+            vm.image_version = ""
+    vm.manifest, vm.shared, vm.started = manifest, shared, desired.started
+    vm.add_event("vmm.reloaded", "configuration re-read from disk")
+    log.info("VM %s: configuration re-read from disk", vm.id)
+    return True
+
+
+# -- step 2: CIDs -----------------------------------------------------------------------------
+
+
+def _is_running_cvm(process: ProcessInfo) -> bool:
+    """A running VM process: note kind "" or "cvm" and not a temporary ``live_for`` process."""
+    if process.state.status != "running":
+        return False
+    try:
+        note = json.loads(process.config.note) if process.config.note else {}
+    except json.JSONDecodeError:
+        note = {}
+    if not isinstance(note, dict):
+        note = {}
+    return note.get("kind", "") in ("", "cvm") and not note.get("live_for")
+
+
+def _rebuild_cids(manager: Manager, running: dict[str, ProcessInfo]) -> None:
+    pool = manager.cids
+    owners: dict[int, str] = {}
+    for process_id, process in running.items():
+        cid = process.config.cid
+        if cid is None:
+            continue
+        if not pool.contains(cid):
+            log.warning("process %s runs with CID %d, outside the pool", process_id, cid)
+        elif cid in owners:
+            log.warning("processes %s and %s both run with CID %d", owners[cid], process_id, cid)
+        else:
+            owners[cid] = process_id
+    homeless: list[Vm] = []
+    for vm in manager.vms.values():
+        own = running.get(vm.id)
+        if own is not None and own.config.cid is not None and owners.get(own.config.cid) == vm.id:
+            vm.cid = own.config.cid
+        elif pool.contains(vm.cid) and owners.setdefault(vm.cid, vm.id) == vm.id:
+            pass
+        else:
+            homeless.append(vm)
+    pool.reset(owners)
+    for vm in homeless:
+        old = vm.cid
+        try:
+            vm.cid = pool.allocate(vm.id)
+        except VmmError as exc:
+            log.error("VM %s keeps CID %d, which is in use elsewhere: %s", vm.id, old, exc.message)
+            continue
+        log.warning("VM %s: CID %d is taken by a running VM; it gets CID %d for its next start",
+                    vm.id, old, vm.cid)
+
+
+# -- steps 3 and 4: directories ---------------------------------------------------------------
+
+
+def _scan(run_path: Path, known: set[str]) -> tuple[set[str], list[str]]:
+    """(every VM-like directory name, the new ones in order); new ones' journals rolled forward."""
+    present: set[str] = set()
+    try:
+        with os.scandir(run_path) as entries:
+            for entry in entries:
+                if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                    present.add(entry.name)
+    except FileNotFoundError:
+        return set(), []
+    new = sorted(present - known)
+    for name in new:
+        try:
+            finish_pending(Workdir(run_path / name))
+        except OSError as exc:
+            log.warning("cannot finish the interrupted update of %s: %s", run_path / name, exc)
+    return present, new
+
+
+async def _drop_vanished(manager: Manager, vm: Vm) -> None:
+    async with vm.lock:
+        if manager.vms.get(vm.id) is not vm:
+            return
+        try:
+            info = await manager.supervisor.info(vm.id)
+            if info is not None:
+                if info.state.status == "running":
+                    await manager.supervisor.stop(vm.id)
+                await manager.supervisor.remove(vm.id)
+        except SupervisorError as exc:
+            log.warning("VM %s: directory gone, but its process could not be stopped: %s",
+                        vm.id, exc.message)
+        await manager._forget(vm, delete=False)
+    log.info("VM %s: its directory is gone; forgotten", vm.id)
+
+
+async def _start(manager: Manager, vm: Vm) -> None:
+    try:
+        await manager.start(vm.id)
+    except Exception as exc:
+        reason = exc.message if isinstance(exc, VmmError) else f"{type(exc).__name__}: {exc}"
+        log.warning("could not start VM %s, which should run: %s", vm.id, reason)
