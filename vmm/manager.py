@@ -7,6 +7,9 @@ registry from the work directories and adopts the processes that still run.
 
 Each VM has a lock that serialises its lifecycle calls; creation holds the manager's lock while
 it checks port conflicts and takes a CID, so two creates cannot claim the same resources.
+
+Beside this module: ``vm_update`` (UpdateVm/ResizeVm), ``limits`` (capacity), ``reconcile``
+(load_all and ReloadVms), and the watcher's duties ``auto_restart`` and ``log_rotation``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
-from vmm import qemu_argv
+from vmm import limits, log_rotation, qemu_argv, reconcile
+from vmm.auto_restart import AutoRestart
 from vmm.cid_pool import CidPool
 from vmm.compose import compose_hash
 from vmm.config import Config
@@ -37,7 +41,7 @@ from vmm.supervisor.types import ProcessConfig, ProcessInfo
 from vmm.vm import Vm, process_note
 from vmm.vm_channels import ChannelHub
 from vmm.vm_request import build_vm, describe_port, find_image, ports_clash
-from vmm.workdir import VM_ID_RE, Workdir, clean_staging, create_workdir
+from vmm.workdir import VM_ID_RE, Workdir, create_workdir
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ class Manager:
         self.cids = CidPool(config.cvm.cid_start, config.cvm.cid_pool_size)
         self._create_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self.auto_restart = AutoRestart(self, config.cvm.auto_restart)
+        self.log_rotation = log_rotation.LogRotation(config.cvm.log, self.vms.values)
         self.channels = ChannelHub(self, config, host)
 
     # -- lookup -------------------------------------------------------------------------------
@@ -77,6 +83,8 @@ class Manager:
         manifest, shared, image = build_vm(self.config, request)
         async with self._create_lock:
             self._check_port_conflicts(manifest.id, manifest.port_map)
+            limits.check_fits(self.config, self.vms.values(), vcpu=manifest.vcpu,
+                              memory_mb=manifest.memory)
             cid = self.cids.allocate(manifest.id)
             try:
                 workdir = await asyncio.to_thread(
@@ -117,6 +125,9 @@ class Manager:
         async with vm.lock:
             if vm.removing:
                 raise Conflict(f"VM {vm_id} is being removed")
+            if not vm.running:
+                limits.check_fits(self.config, self.vms.values(), vcpu=vm.manifest.vcpu,
+                                  memory_mb=vm.manifest.memory, exclude=vm.id)
             await self._set_started(vm, True)
             if vm.running:
                 return
@@ -158,6 +169,7 @@ class Manager:
             argv = qemu_argv.qemu_img_create_argv(self._launch_spec(vm, image))
             await _run(argv, QEMU_IMG_TIMEOUT)
         await asyncio.to_thread(wd.write_json, wd.sys_config, self._sys_config(vm, image))
+        await log_rotation.rotate_for_boot(wd, self.config.cvm.log)
         stamp = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
         with wd.serial_log.open("ab") as serial:
             serial.write(f"\n===== boot @ {stamp} =====\n".encode())
@@ -349,32 +361,7 @@ class Manager:
 
     async def load_all(self) -> None:
         """Rebuild the registry from disk and adopt what the supervisor still runs."""
-        for leftover in await asyncio.to_thread(clean_staging, self.run_path):
-            log.info("removed leftover of an interrupted create/delete: %s", leftover)
-        processes = {p.config.id: p for p in await self.supervisor.list()}
-        entries = sorted(self.run_path.iterdir()) if self.run_path.is_dir() else []
-        to_start: list[Vm] = []
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
-            vm = self._load_one(Workdir(entry), processes.get(entry.name))
-            if vm is None:
-                continue
-            if vm.removing:
-                vm.spawn(self._finish_removal(vm))
-            elif vm.started and not vm.running:
-                to_start.append(vm)
-        for process_id, process in processes.items():
-            if process_id not in self.vms and process.state.status == "running":
-                log.warning("supervisor runs %s (%s) but no VM directory exists for it; "
-                            "leaving it alone", process_id, process.config.name)
-        for vm in to_start:
-            try:
-                await self.start(vm.id)
-            except Exception as exc:
-                log.warning("could not restart VM %s at load: %s", vm.id, exc)
-        log.info("loaded %d VMs (%d running)", len(self.vms),
-                 sum(1 for vm in self.vms.values() if vm.running))
+        await reconcile.load_all(self)
 
     def _load_one(self, workdir: Workdir, process: ProcessInfo | None) -> Vm | None:
         if not VM_ID_RE.match(workdir.id):
@@ -439,6 +426,13 @@ class Manager:
                 await self.refresh()
             except SupervisorError as exc:
                 log.warning("cannot refresh VM states: %s", exc.message)
+            except Exception:
+                log.exception("refreshing VM states failed")
+            for duty in (self.auto_restart.tick, self.log_rotation.tick):
+                try:
+                    await duty()
+                except Exception:
+                    log.exception("watcher duty %s failed", duty.__qualname__)
             await asyncio.sleep(WATCH_INTERVAL)
 
     async def refresh(self) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.empty_pb2 import Empty
 
-from vmm import compose, images
+from vmm import compose, images, reconcile, vm_update
 from vmm._version import __version__, git_revision
 from vmm.exceptions import InvalidField, NotImplementedYet
 from vmm.prpc import CallContext
@@ -120,15 +120,20 @@ class VmmServicer:
     async def CreateVm(self, request: pb.VmConfiguration, ctx: CallContext) -> pb.Id:
         return pb.Id(id=await self.daemon.manager.create(request))
 
+    # A manual start, stop or shutdown hands the VM back to the operator: auto-restart forgets
+    # its attempts (and a give-up) for it.
     async def StartVm(self, request: pb.Id, ctx: CallContext) -> Empty:
+        self.daemon.manager.auto_restart.reset(_vm_id(request))
         await self.daemon.manager.start(_vm_id(request))
         return Empty()
 
     async def StopVm(self, request: pb.Id, ctx: CallContext) -> Empty:
+        self.daemon.manager.auto_restart.reset(_vm_id(request))
         await self.daemon.manager.stop(_vm_id(request))
         return Empty()
 
     async def ShutdownVm(self, request: pb.Id, ctx: CallContext) -> Empty:
+        self.daemon.manager.auto_restart.reset(_vm_id(request))
         await self.daemon.manager.shutdown(_vm_id(request))
         return Empty()
 
@@ -147,16 +152,20 @@ class VmmServicer:
         return pb.GetInfoResponse(found=True, info=info)
 
     async def UpdateVm(self, request: pb.UpdateVmRequest, ctx: CallContext) -> pb.Id:
-        raise NotImplementedYet("UpdateVm")
+        plan = await vm_update.apply(self.daemon.manager, vm_update.from_update_vm(request))
+        return pb.Id(id=plan.app_id)
 
     async def UpgradeApp(self, request: pb.UpdateVmRequest, ctx: CallContext) -> pb.Id:
-        raise NotImplementedYet("UpgradeApp")
+        return await self.UpdateVm(request, ctx)
 
     async def ResizeVm(self, request: pb.ResizeVmRequest, ctx: CallContext) -> Empty:
-        raise NotImplementedYet("ResizeVm")
+        await vm_update.apply(self.daemon.manager, vm_update.from_resize_vm(request))
+        return Empty()
 
     async def ReloadVms(self, request: Empty, ctx: CallContext) -> pb.ReloadVmsResponse:
-        raise NotImplementedYet("ReloadVms")
+        result = await reconcile.reload(self.daemon.manager)
+        return pb.ReloadVmsResponse(loaded=result.loaded, updated=result.updated,
+                                    removed=result.removed)
 
     async def SvList(self, request: Empty, ctx: CallContext) -> pb.SvListResponse:
         raise NotImplementedYet("SvList")
