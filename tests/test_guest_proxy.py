@@ -17,7 +17,8 @@ import pytest
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.guest_image import ensure_guest_image
 from tests.support.qmp import QMPClient
-from tests.test_manager import COMPOSE, qemu_config, rpc, vm_info, wait_for
+from tests.support.vm_ops import rpc, vm_info
+from tests.test_manager import COMPOSE, qemu_config, wait_for
 from vmm.rpc import guest_api_pb2 as gpb
 
 pytestmark = pytest.mark.qemu

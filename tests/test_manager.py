@@ -16,8 +16,10 @@ import httpx
 import pytest
 
 from guest_agent import BOOT_MARKER
+from tests.support import vm_ops
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.guest_image import ensure_guest_image
+from tests.support.vm_ops import free_port, rpc, vm_info
 
 pytestmark = pytest.mark.qemu
 
@@ -26,34 +28,9 @@ COMPOSE = json.dumps({"manifest_version": 2, "name": "demo", "runner": "docker-c
                       "docker_compose_file": "services: {}\n"})
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for(what: str, check: Callable[[], Any], timeout: float = BOOT_TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def rpc(client: httpx.Client, method: str, body: dict[str, Any] | None = None) -> Any:
-    response = client.post(f"/prpc/{method}?json", json=body or {})
-    assert response.status_code == 200, f"{method}: {response.status_code} {response.text}"
-    return response.json()
-
-
-def vm_info(client: httpx.Client, vm_id: str) -> dict[str, Any]:
-    answer = rpc(client, "GetInfo", {"id": vm_id})
-    assert answer["found"], vm_id
-    info: dict[str, Any] = answer["info"]
-    return info
+    """Boots under TCG are slow and noisy: a longer default wait than the support helper's."""
+    return vm_ops.wait_for(what, check, timeout)
 
 
 def serial_tail(client: httpx.Client, vm_id: str, lines: int = 400) -> str:
@@ -108,17 +85,7 @@ def create(client: httpx.Client, image: str, **fields: Any) -> str:
 
 
 def qemu_pids(workdir: Path) -> list[int]:
-    needle = str(workdir / "state" / "vm").encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-system" in cmdline and needle in cmdline:
-                found.append(int(entry.name))
-    return found
+    return vm_ops.qemu_pids(workdir / "state")
 
 
 def test_full_lifecycle(daemon: DaemonProcess, image_dir: Path, workdir: Path) -> None:

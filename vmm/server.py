@@ -7,12 +7,9 @@ world-writable; ours is 0600 from the moment it exists (the umask is tightened a
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import os
 import signal
 import socket
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from starlette.types import ASGIApp
 
 from vmm.config import Config, parse_address
 from vmm.exceptions import ConfigError
+from vmm.unix_socket import SocketPathTaken, bind_private
 
 log = logging.getLogger(__name__)
 
@@ -56,39 +54,10 @@ def bind_vsock(cid: int, port: int) -> socket.socket:
 
 def bind_unix(path: Path) -> socket.socket:
     """Bind a 0600 Unix socket, replacing a stale socket file but never a live one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise ConfigError(f"`address`: {path} exists and is not a socket; not replacing it")
-        if _socket_is_live(path):
-            raise ConfigError(f"`address`: another process is already listening on unix:{path}")
-        log.info("removing stale socket %s", path)
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
     try:
-        sock.bind(str(path))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"`address`: cannot listen on unix:{path}: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    path.chmod(0o600)
-    sock.listen(1024)
-    sock.set_inheritable(False)
-    return sock
-
-
-def _socket_is_live(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
-    finally:
-        probe.close()
-    return True
+        return bind_private(path, backlog=1024)
+    except SocketPathTaken as exc:
+        raise ConfigError(f"`address`: {exc}") from None
 
 
 @contextlib.contextmanager

@@ -27,12 +27,8 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def paths() -> Iterator[SupervisorPaths]:
+    """Here every test talks to a supervisor that is already running."""
     with short_dir() as root, running_supervisor(SupervisorPaths.in_dir(root)):
         yield SupervisorPaths.in_dir(root)
 

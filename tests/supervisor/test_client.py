@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,23 +13,11 @@ from tests.support.supervisor_proc import (
     kill_recorded_children,
     kill_supervisor_by_pid_file,
     running_supervisor,
-    short_dir,
 )
 from vmm.exceptions import SupervisorError
 from vmm.supervisor.client import SupervisorClient, ensure_supervisor
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def paths() -> Iterator[SupervisorPaths]:
-    with short_dir() as root:
-        yield SupervisorPaths.in_dir(root)
 
 
 async def test_unreachable_supervisor(paths: SupervisorPaths) -> None:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,7 +24,6 @@ from tests.support.supervisor_proc import (
     release_fifo,
     running_supervisor,
     sh_config,
-    short_dir,
     spawn_supervisor,
     start_ticks,
     wait_answers,
@@ -36,17 +34,6 @@ from tests.support.supervisor_proc import (
 from vmm.supervisor.client import SupervisorClient
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def paths() -> Iterator[SupervisorPaths]:
-    with short_dir() as root:
-        yield SupervisorPaths.in_dir(root)
 
 
 LAUNCHER = textwrap.dedent(

@@ -23,7 +23,6 @@ import logging.handlers
 import os
 import signal
 import socket
-import stat
 import sys
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from vmm.exceptions import BadRequest, VmmError
 from vmm.supervisor.files import atomic_write
 from vmm.supervisor.process_table import ProcessTable
 from vmm.supervisor.types import ProcessConfig
+from vmm.unix_socket import SocketPathTaken, bind_private
 
 log = logging.getLogger("vmm.supervisor")
 
@@ -266,45 +266,9 @@ def _lock(uds: Path) -> int:
 
 def _bind(uds: Path) -> socket.socket:
     try:
-        mode = uds.lstat().st_mode
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(mode):
-            raise StartupError(f"{uds} exists and is not a socket; refusing to replace it")
-        if _answers(uds):
-            raise StartupError(f"a supervisor is already listening on {uds}")
-        log.info("removing stale socket %s", uds)
-        uds.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # The umask makes the socket 0600 from the moment it exists: binding and then chmod-ing
-    # would leave a window where any local user could connect and deploy processes.
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(str(uds))
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"cannot bind {uds}: {exc}") from exc
-    finally:
-        os.umask(old_umask)
-    uds.chmod(0o600)
-    sock.listen(128)
-    return sock
-
-
-def _answers(uds: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(str(uds))
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        # Something is there but behaves oddly (e.g. a full backlog); do not steal it.
-        return True
-    finally:
-        probe.close()
-    return True
+        return bind_private(uds)
+    except SocketPathTaken as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _remove_if_ours(uds: Path, bound: os.stat_result) -> None:
