@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 
 import pytest
 
+from tests.conftest import make_image
 from tests.support.daemon_proc import DaemonProcess
 from tests.support.kms_peer import KmsPeer, expected_answer
 from vmm import __version__
@@ -164,9 +166,39 @@ def test_report_dhcp_lease_validates(
     assert f"invalid field `{field}`" in response.json()["error"]
 
 
-def test_unbuilt_rpcs_answer_not_implemented(daemon: DaemonProcess) -> None:
-    """RPCs whose issue has not landed answer a clear 501, never a 500."""
+def test_registry_rpcs_without_a_registry(daemon: DaemonProcess) -> None:
+    """With no image.registry, the registry list is empty and a pull says why it cannot."""
     with daemon.client() as client:
-        response = client.post("/prpc/ListRegistryImages?json", json={})
-    assert response.status_code == 501
-    assert response.json()["error"] == "ListRegistryImages is not implemented yet"
+        listed = client.post("/prpc/ListRegistryImages?json", json={})
+        pulled = client.post("/prpc/PullRegistryImage?json", json={"tag": "0.5.3"})
+    assert listed.status_code == 200
+    assert listed.json() == {"images": []}
+    assert pulled.status_code == 409
+    assert "no image registry is configured" in pulled.json()["error"]
+
+
+def test_delete_image(daemon: DaemonProcess) -> None:
+    """DeleteImage removes an unused image, refuses one in use or a bad name, 404s a missing one."""
+    images = daemon.workdir / "state" / "images"
+    make_image(images, "scratch-0.5.0", {"kernel": "k", "initrd": "i", "version": "0.5.0"})
+    compose = '{"runner": "docker-compose"}'
+    with daemon.client() as client:
+        vm_id = client.post("/prpc/CreateVm?json", json={
+            "name": "user", "image": "scratch-0.5.0", "compose_file": compose, "vcpu": 1,
+            "memory": 256, "disk_size": 1, "stopped": True}).json()["id"]
+        in_use = client.post("/prpc/DeleteImage?json", json={"id": "scratch-0.5.0"})
+        assert in_use.status_code == 409
+        assert "in use by VM 'user'" in in_use.json()["error"]
+        assert client.post("/prpc/RemoveVm?json", json={"id": vm_id}).status_code == 200
+        deadline = time.monotonic() + 30
+        while client.post("/prpc/GetInfo?json", json={"id": vm_id}).json()["found"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.post("/prpc/DeleteImage?json", json={"id": "scratch-0.5.0"}).status_code == 200
+        assert not (images / "scratch-0.5.0").exists()
+        assert client.post("/prpc/DeleteImage?json", json={"id": "scratch-0.5.0"}).status_code == 404
+        for bad in ("", "..", "a/b", "../state"):
+            response = client.post("/prpc/DeleteImage?json", json={"id": bad})
+            assert response.status_code == 400, bad
+            assert "`id`" in response.json()["error"]
+    assert (images / "dstack-0.5.3").is_dir()

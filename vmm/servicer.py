@@ -6,9 +6,11 @@ bridge refuses to start if a method of the service is missing here, so no RPC ca
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,9 +18,10 @@ from google.protobuf.empty_pb2 import Empty
 
 from vmm import compose, images, reconcile, vm_update
 from vmm._version import __version__, git_revision
-from vmm.exceptions import InvalidField, NotImplementedYet
+from vmm.exceptions import Conflict, InvalidField, NotFound, NotImplementedYet
 from vmm.prpc import CallContext
 from vmm.rpc import vmm_rpc_pb2 as pb
+from vmm.supervisor.types import ProcessInfo
 
 if TYPE_CHECKING:
     from vmm.daemon import Daemon
@@ -26,6 +29,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def _sv_process(info: ProcessInfo) -> pb.SvProcessInfo:
+    state = info.state
+    status: str = state.status
+    if status == "exited":
+        code = state.exit_code if state.exit_code is not None else (
+            f"signal {state.signal}" if state.signal is not None else "?")
+        status = f"exited({code})"
+    elif status == "error":
+        status = f"error({state.error or ''})"
+    process = pb.SvProcessInfo(
+        id=info.config.id, name=info.config.name, status=status,
+        command=" ".join([info.config.command, *info.config.args]), note=info.config.note,
+    )
+    if state.pid is not None:
+        process.pid = state.pid
+    return process
 
 
 def _vm_id(request: pb.Id) -> str:
@@ -167,27 +188,63 @@ class VmmServicer:
         return pb.ReloadVmsResponse(loaded=result.loaded, updated=result.updated,
                                     removed=result.removed)
 
+    # -- the supervisor's process table ---------------------------------------------------------
+
     async def SvList(self, request: Empty, ctx: CallContext) -> pb.SvListResponse:
-        raise NotImplementedYet("SvList")
+        processes = await self.daemon.manager.supervisor.list()
+        return pb.SvListResponse(processes=[_sv_process(p) for p in processes])
 
     async def SvStop(self, request: pb.Id, ctx: CallContext) -> Empty:
-        raise NotImplementedYet("SvStop")
+        manager = self.daemon.manager
+        process_id = _vm_id(request)
+        if await manager.supervisor.info(process_id) is None:
+            raise NotFound(f"Supervisor process not found: {process_id!r}")
+        vm = manager.vms.get(process_id)
+        if vm is not None:
+            await manager.stop(process_id)  # keeps the VM's desired state honest
+        else:
+            await manager.supervisor.stop(process_id)
+        return Empty()
 
     async def SvRemove(self, request: pb.Id, ctx: CallContext) -> Empty:
-        raise NotImplementedYet("SvRemove")
+        manager = self.daemon.manager
+        process_id = _vm_id(request)
+        info = await manager.supervisor.info(process_id)
+        if info is None:
+            raise NotFound(f"Supervisor process not found: {process_id!r}")
+        vm = manager.vms.get(process_id)
+        if info.state.status == "running" or (vm is not None and vm.started):
+            raise Conflict(f"process {process_id} is running or should run; stop it first")
+        await manager.supervisor.remove(process_id)
+        return Empty()
+
+    # -- images ---------------------------------------------------------------------------------
 
     async def ListRegistryImages(
         self, request: Empty, ctx: CallContext
     ) -> pb.RegistryImageListResponse:
-        raise NotImplementedYet("ListRegistryImages")
+        if not self.config.image.registry:
+            return pb.RegistryImageListResponse()
+        raise NotImplementedYet("ListRegistryImages from an image registry")
 
     async def PullRegistryImage(
         self, request: pb.PullRegistryImageRequest, ctx: CallContext
     ) -> Empty:
+        if not self.config.image.registry:
+            raise Conflict("no image registry is configured (image.registry)")
         raise NotImplementedYet("PullRegistryImage")
 
     async def DeleteImage(self, request: pb.Id, ctx: CallContext) -> Empty:
-        raise NotImplementedYet("DeleteImage")
+        name = images.validate_image_name(request.id, field="id")
+        for vm in self.daemon.manager.vms.values():
+            if vm.manifest.image == name:
+                raise Conflict(f"cannot delete image {name!r}: in use by VM {vm.manifest.name!r}")
+        path = Path(self.config.image.path) / name
+        if not path.is_dir():
+            raise NotFound(f"image not found: {name!r}")
+        await asyncio.to_thread(shutil.rmtree, path)
+        log.info("deleted image %s", name)
+        return Empty()
 
     async def ReportDhcpLease(self, request: pb.DhcpLeaseRequest, ctx: CallContext) -> Empty:
         mac = request.mac.strip().lower()
