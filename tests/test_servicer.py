@@ -6,11 +6,12 @@ import hashlib
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_image
-from tests.support.daemon_proc import DaemonProcess
+from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.kms_peer import KmsPeer, expected_answer
 from vmm import __version__
 
@@ -202,3 +203,31 @@ def test_delete_image(daemon: DaemonProcess) -> None:
             assert response.status_code == 400, bad
             assert "`id`" in response.json()["error"]
     assert (images / "dstack-0.5.3").is_dir()
+
+
+def test_list_gpus_reads_the_hosts_pci_devices(short_tmp: Path) -> None:
+    """ListGpus lists this host's real PCI devices that match cvm.gpu.listing; disabled is []."""
+    sysfs = Path("/sys/bus/pci/devices")
+    device = next(p for p in sorted(sysfs.iterdir()) if p.name.startswith("0000:"))
+    vendor = (device / "vendor").read_text().strip().removeprefix("0x")
+    product = (device / "device").read_text().strip().removeprefix("0x")
+    workdir = short_tmp / "gpu"
+    proc = start_daemon(workdir, extra_config=(
+        f'[cvm.gpu]\nenabled = true\nallow_attach_all = false\nlisting = ["{vendor}:{product}"]\n'
+    ))
+    try:
+        with proc.client() as client:
+            answer = client.post("/prpc/ListGpus?json", json={}).json()
+    finally:
+        proc.destroy()
+    assert answer["allow_attach_all"] is False
+    slot = device.name.removeprefix("0000:")
+    assert [g["slot"] for g in answer["gpus"]] == [slot]
+    assert answer["gpus"][0]["product_id"] == f"{vendor}:{product}"
+
+
+def test_list_gpus_disabled_is_empty(daemon: DaemonProcess) -> None:
+    """With cvm.gpu.enabled = false (the default) ListGpus is an empty list."""
+    with daemon.client() as client:
+        assert client.post("/prpc/ListGpus?json", json={}).json() == {
+            "gpus": [], "allow_attach_all": True}

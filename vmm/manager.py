@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import json
@@ -25,7 +26,7 @@ from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
-from vmm import limits, log_rotation, qemu_argv, reconcile
+from vmm import gpus, limits, log_rotation, qemu_argv, reconcile
 from vmm.auto_restart import AutoRestart
 from vmm.cid_pool import CidPool
 from vmm.compose import compose_hash
@@ -133,7 +134,8 @@ class Manager:
                 return
             image = find_image(self.config, vm.manifest.image)
             await self._prepare_boot(vm, image)
-            argv = qemu_argv.build_qemu_argv(self._launch_spec(vm, image), self.config)
+            spec = await self._with_gpus(self._launch_spec(vm, image))
+            argv = qemu_argv.build_qemu_argv(spec, self.config)
             config = ProcessConfig(
                 id=vm.id, name=vm.manifest.name, command=argv[0], args=argv[1:], env={},
                 cwd=str(vm.workdir.path), stdout=str(vm.workdir.stdout_log),
@@ -158,6 +160,16 @@ class Manager:
             manifest=vm.manifest, image=image, workdir=vm.workdir.path, cid=vm.cid,
             host=self.host, compose_hash=compose_hash(vm.shared.compose),
         )
+
+    async def _with_gpus(self, spec: qemu_argv.LaunchSpec) -> qemu_argv.LaunchSpec:
+        """Resolve the VM's GPU attachment against this host's PCI devices (at each start)."""
+        gpu_config = self.config.cvm.gpu
+        if spec.manifest.gpus is None or not gpu_config.enabled:
+            return spec
+        devices = gpus.parse_lspci(await asyncio.to_thread(gpus.read_lspci))
+        slots, bridges = gpus.resolve_attachment(spec.manifest.gpus, devices, gpu_config)
+        return dataclasses.replace(spec, gpu_slots=slots, bridge_slots=bridges,
+                                   numa_node_of=gpus.numa_node_of)
 
     async def _prepare_boot(self, vm: Vm, image: Image) -> None:
         wd = vm.workdir

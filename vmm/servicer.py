@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.empty_pb2 import Empty
 
-from vmm import compose, images, reconcile, vm_update
+from vmm import compose, gpus, images, reconcile, vm_update
 from vmm._version import __version__, git_revision
 from vmm.exceptions import Conflict, InvalidField, NotFound, NotImplementedYet
 from vmm.prpc import CallContext
@@ -134,7 +134,16 @@ class VmmServicer:
         return await self.daemon.kms.get_app_env_encrypt_pub_key(request.app_id)
 
     async def ListGpus(self, request: Empty, ctx: CallContext) -> pb.ListGpusResponse:
-        raise NotImplementedYet("ListGpus")
+        gpu_config = self.config.cvm.gpu
+        found: list[gpus.PciDevice] = []
+        if gpu_config.enabled:
+            found = gpus.list_gpus(gpus.parse_lspci(await asyncio.to_thread(gpus.read_lspci)),
+                                   gpu_config)
+        return pb.ListGpusResponse(
+            gpus=[pb.GpuInfo(slot=d.slot, product_id=d.pci_id, description=d.description,
+                             is_free=d.is_free) for d in found],
+            allow_attach_all=gpu_config.allow_attach_all,
+        )
 
     # -- VM lifecycle ---------------------------------------------------------------------------
 
