@@ -72,9 +72,10 @@ def test_killed_qemu_restarts_then_gives_up_once() -> None:
         wait_for("status exited", lambda: status_of(client, vm_id) == "exited")
         second = wait_for("the automatic restart", lambda: restarted_after(vm_dir, first))
         wait_for("status running", lambda: status_of(client, vm_id) == "running")
-        info = vm_info(client, vm_id)
-        assert ("vmm.exited", "QEMU exited (signal 9)") in events(info)
-        assert ("vmm.auto_restart", "attempt 1 of 3: restarted") in events(info)
+        # The new QEMU's pid can show before the restart is recorded: wait for the event.
+        wait_for("the restart event", lambda: ("vmm.auto_restart", "attempt 1 of 3: restarted")
+                 in events(vm_info(client, vm_id)))
+        assert ("vmm.exited", "QEMU exited (signal 9)") in events(vm_info(client, vm_id))
 
         # From now on QEMU cannot start: it exits at once on a kernel it cannot load.
         kernel = workdir / "state" / "images" / IDLE_IMAGE / "idle.bin"
@@ -101,7 +102,8 @@ def test_killed_qemu_restarts_then_gives_up_once() -> None:
         wait_for("QEMU", lambda: qemu_pid_of(vm_dir))
         third = kill_qemu(vm_dir)
         wait_for("another automatic restart", lambda: restarted_after(vm_dir, third))
-        assert named(client, vm_id, "vmm.auto_restart")[-1] == "attempt 1 of 3: restarted"
+        wait_for("a fresh budget's first attempt",
+                 lambda: named(client, vm_id, "vmm.auto_restart")[-1] == "attempt 1 of 3: restarted")
 
 
 def test_refused_start_counts_as_a_failed_attempt() -> None:
