@@ -173,10 +173,9 @@ def test_shutdowns_stopped_vm_and_killed_agent(workdir_image: tuple[Path, Path])
                                              "disk_size": 2})["id"]
             wait_for("boot", lambda: vm_info(client, vm_id)["boot_progress"] == "done", 180)
             assert rpc(client, "ShutdownVm", {"id": vm_id}) is None
-            info = wait_for("power-off", lambda: (i := vm_info(client, vm_id))["status"] == "stopped"
-                            and i, timeout=60)
-            bodies = [e["body"] for e in info["events"] if e["event"] == "vmm.shutdown"]
-            assert "graceful: the guest powered off (guest agent)" in bodies
+            wait_for("power-off", lambda: vm_info(client, vm_id)["status"] == "stopped", timeout=60)
+            wait_for("the recorded outcome", lambda: "graceful: the guest powered off (guest agent)"
+                     in [e["body"] for e in vm_info(client, vm_id)["events"]], timeout=30)
 
             rpc(client, "StartVm", {"id": vm_id})
             wait_for("boot", lambda: vm_info(client, vm_id)["boot_progress"] == "done", 180)

@@ -132,9 +132,13 @@ def test_full_lifecycle(daemon: DaemonProcess, image_dir: Path, workdir: Path) -
         info = wait_for("a graceful shutdown",
                         lambda: (i := vm_info(client, vm_id))["status"] == "stopped" and i,
                         timeout=60)
-        bodies = [e["body"] for e in info["events"] if e["event"] == "vmm.shutdown"]
-        # Which path ended the VM is recorded: the guest agent, or ACPI when it did not answer.
-        assert any(b.startswith("graceful: the guest powered off (") for b in bodies), bodies
+        # Which path ended the VM is recorded (the guest agent, or ACPI when it did not answer),
+        # by the shutdown watcher, a moment after the status watcher saw QEMU gone.
+        def graceful() -> bool:
+            bodies = [e["body"] for e in vm_info(client, vm_id)["events"]
+                      if e["event"] == "vmm.shutdown"]
+            return any(b.startswith("graceful: the guest powered off (") for b in bodies)
+        wait_for("the recorded shutdown outcome", graceful, timeout=30)
         assert qemu_pids(workdir) == []
 
         rpc(client, "StartVm", {"id": vm_id})
