@@ -11,12 +11,11 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from guest_agent.channel import PortChannel
+from guest_agent.channel import PortChannel, frames_of
 from guest_agent.framing import (
     REQUEST,
     RESPONSE,
     Frame,
-    FrameDecoder,
     FrameError,
     decode_request,
     encode_frame,
@@ -139,17 +138,8 @@ class FrameServer:
         return self
 
     def _run(self) -> None:
-        decoder = FrameDecoder()
-        while True:
-            data = self.channel.recv(1.0)
-            if not data:
-                # A break or an idle second: a half-received frame will never be completed,
-                # and keeping it would swallow the next request.
-                decoder = FrameDecoder()
-                continue
-            for frame in decoder.feed(data):
-                if frame.kind == REQUEST:
-                    threading.Thread(target=self._answer, args=(frame,), daemon=True).start()
+        for frame in frames_of(self.channel, REQUEST):
+            threading.Thread(target=self._answer, args=(frame,), daemon=True).start()
 
     def _answer(self, frame: Frame) -> None:
         try:

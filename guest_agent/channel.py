@@ -20,8 +20,10 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from guest_agent.framing import Frame, FrameDecoder
 
 VIRTIO_PORTS = Path("/sys/class/virtio-ports")
 DEV = Path("/dev")
@@ -189,3 +191,20 @@ class PortChannel:
         if not self._reported_open_error:
             self._reported_open_error = True
             self._log(f"{self.path}: cannot open ({exc}); retrying")
+
+
+def frames_of(channel: PortChannel, kind: int) -> Iterator[Frame]:
+    """Frames of one kind read from ``channel``, forever.
+
+    A break or an idle second starts a fresh decoder: a half-received frame will never be
+    completed, and keeping it would swallow the next one.
+    """
+    decoder = FrameDecoder()
+    while True:
+        data = channel.recv(1.0)
+        if not data:
+            decoder = FrameDecoder()
+            continue
+        for frame in decoder.feed(data):
+            if frame.kind == kind:
+                yield frame

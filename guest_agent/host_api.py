@@ -21,11 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from guest_agent import httpclient
-from guest_agent.channel import PortChannel, find_port
+from guest_agent.channel import PortChannel, find_port, frames_of
 from guest_agent.framing import (
     REQUEST,
     RESPONSE,
-    FrameDecoder,
     FrameError,
     decode_response,
     encode_frame,
@@ -151,21 +150,12 @@ class SerialHostApi(HostApi):
                 self._reader.start()
 
     def _read(self) -> None:
-        decoder = FrameDecoder()
-        while True:
-            data = self.channel.recv(1.0)
-            if not data:
-                # A break or an idle second: a half-received frame will never be completed.
-                decoder = FrameDecoder()
-                continue
-            for frame in decoder.feed(data):
-                if frame.kind != RESPONSE:
-                    continue
-                with self._lock:
-                    slot, event = self._pending.get(frame.id), self._events.get(frame.id)
-                    if slot is not None and event is not None and not slot:
-                        slot.append(frame.payload)
-                        event.set()
+        for frame in frames_of(self.channel, RESPONSE):
+            with self._lock:
+                slot, event = self._pending.get(frame.id), self._events.get(frame.id)
+                if slot is not None and event is not None and not slot:
+                    slot.append(frame.payload)
+                    event.set()
 
 
 def parse_host_api_url(url: str) -> tuple[int, int, str] | None:
