@@ -25,6 +25,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support.daemon_proc import kill_vm_processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SERVER = """
@@ -134,6 +137,8 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.kill(server.pid, signal.SIGKILL)
                 server.wait()
+            # The daemon's start-up launched a supervisor, which outlives it by design.
+            kill_vm_processes(Path(cwd) / ".state")
     bare_rps, bridge_rps = statistics.median(bare), statistics.median(bridge)
     print(f"bare Starlette route : {bare_rps:8.0f} req/s  (rounds: {[round(x) for x in bare]})")
     print(f"/prpc/Version (JSON) : {bridge_rps:8.0f} req/s  (rounds: {[round(x) for x in bridge]})")
