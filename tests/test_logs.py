@@ -22,6 +22,7 @@ from vmm.logs import (
     HEARTBEAT,
     MAX_PIECE,
     logs_route,
+    snapshot,
     stream_log,
     strip_ansi,
     tail_lines,
@@ -306,6 +307,30 @@ def test_follow_sends_appended_lines_and_holds_partial_ones(tmp_path: Path) -> N
             assert await take(gen, 1) == [b"four more\n"]
         finally:
             await gen.aclose()
+
+    run(scenario())
+
+
+def test_follow_starts_where_the_request_found_the_log(tmp_path: Path) -> None:
+    """Lines appended between accepting the request and the first read are not skipped."""
+    log_path = tmp_path / "serial.log"
+    log_path.write_bytes(b"old\n")
+    taken = snapshot(log_path)  # the route takes this before the response starts
+    append(log_path, b"written right after the request\n")
+    fresh = snapshot(tmp_path / "later.log")
+    (tmp_path / "later.log").write_bytes(b"first line of a new file\n")
+
+    async def scenario() -> None:
+        gen = stream_log(log_path, lines=0, follow=True, ansi=False, heartbeat_after=IDLE,
+                         poll_interval=POLL, start=taken)
+        later = stream_log(tmp_path / "later.log", lines=0, follow=True, ansi=False,
+                           heartbeat_after=IDLE, poll_interval=POLL, start=fresh)
+        try:
+            assert await take(gen, 1) == [b"written right after the request\n"]
+            assert await take(later, 1) == [b"first line of a new file\n"]
+        finally:
+            await gen.aclose()
+            await later.aclose()
 
     run(scenario())
 

@@ -255,6 +255,22 @@ class _LogFile:
             os.close(fd)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Where a log stood when a request was accepted; ``ident`` is None if it did not exist."""
+
+    ident: tuple[int, int] | None
+    size: int
+
+
+def snapshot(path: Path) -> Snapshot:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return Snapshot(ident=None, size=0)
+    return Snapshot(ident=(st.st_dev, st.st_ino), size=st.st_size)
+
+
 async def stream_log(
     path: Path,
     *,
@@ -263,6 +279,7 @@ async def stream_log(
     ansi: bool,
     heartbeat_after: float = 60.0,
     poll_interval: float = 0.25,
+    start: Snapshot | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """Yield the last ``lines`` lines of ``path``, then (``follow``) lines as they are appended.
 
@@ -270,12 +287,20 @@ async def stream_log(
     its newline arrives (or it outgrows ``MAX_PIECE``), and ``HEARTBEAT`` is sent after each
     ``heartbeat_after`` seconds with nothing sent, so a vanished client is noticed on the write.
     The file is closed when the generator ends or is cancelled (client disconnect).
+
+    ``start`` is the log as the request found it: the tail ends there, and anything appended
+    after it is followed, even if it landed before this generator first ran (the response
+    headers go out first, so without it a line written right after the request could be lost).
     """
     current = _LogFile(path)
     splitter = _LineSplitter()
     try:
         if current.open():
             end = current.size()
+            if start is not None and start.ident is None:
+                end = 0  # the file appeared after the request: every byte of it is new
+            elif start is not None and start.ident == current.ident and start.size <= end:
+                end = start.size
             await current.seek_tail(end, max(lines, 0))
             if not follow:
                 while current.offset < end:
@@ -415,13 +440,15 @@ def logs_route(
         if request.method == "HEAD":
             # A followed body never ends; HEAD must not leave a generator running.
             return Response(media_type=MEDIA_TYPE)
+        path = workdir / CHANNELS[query.channel]
         body = stream_log(
-            workdir / CHANNELS[query.channel],
+            path,
             lines=query.lines,
             follow=query.follow,
             ansi=query.ansi,
             heartbeat_after=heartbeat_after,
             poll_interval=poll_interval,
+            start=await asyncio.to_thread(snapshot, path),
         )
         return _LogResponse(body)
 
