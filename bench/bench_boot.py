@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from guest_agent import BOOT_MARKER  # noqa: E402
 from tests.support.daemon_proc import start_daemon  # noqa: E402
 from tests.support.guest_image import ensure_guest_image  # noqa: E402
+from tests.support.short_dirs import short_dir  # noqa: E402
 
 TIMEOUT = 180.0
 COMPOSE = json.dumps({"runner": "docker-compose", "docker_compose_file": ""})
@@ -63,57 +62,56 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     image = ensure_guest_image()
-    workdir = Path(tempfile.mkdtemp(prefix="bb", dir="/tmp"))
-    daemon = start_daemon(workdir, extra_config=(
-        f'[image]\npath = "{image.parent}"\n[cvm]\naccel = "tcg"\n'
-    ))
-    managed_exec, managed_marker, bare_exec, bare_marker = [], [], [], []
-    try:
-        with daemon.client() as client:
-            vm_id = client.post("/prpc/CreateVm?json", json={
-                "name": "bench", "image": image.name, "compose_file": COMPOSE, "vcpu": 1,
-                "memory": 512, "disk_size": 2, "stopped": True}).json()["id"]
-            vm_dir = workdir / "state" / "vm" / vm_id
-            serial = vm_dir / "serial.log"
-            argv: list[str] = []
-            for _ in range(args.rounds):
-                before = markers(serial)
-                t0 = time.perf_counter()
-                assert client.post("/prpc/StartVm?json", json={"id": vm_id}).status_code == 200
-                pid = wait("qemu exec", lambda: qemu_pid(vm_dir))
-                managed_exec.append(time.perf_counter() - t0)
-                wait("boot marker", lambda n=before: markers(serial) > n)
-                managed_marker.append(time.perf_counter() - t0)
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").decode().split("\0")
-                assert client.post("/prpc/StopVm?json", json={"id": vm_id}).status_code == 200
+    with short_dir("bb") as workdir:
+        daemon = start_daemon(workdir, extra_config=(
+            f'[image]\npath = "{image.parent}"\n[cvm]\naccel = "tcg"\n'
+        ))
+        managed_exec, managed_marker, bare_exec, bare_marker = [], [], [], []
+        try:
+            with daemon.client() as client:
+                vm_id = client.post("/prpc/CreateVm?json", json={
+                    "name": "bench", "image": image.name, "compose_file": COMPOSE, "vcpu": 1,
+                    "memory": 512, "disk_size": 2, "stopped": True}).json()["id"]
+                vm_dir = workdir / "state" / "vm" / vm_id
+                serial = vm_dir / "serial.log"
+                argv: list[str] = []
+                for _ in range(args.rounds):
+                    before = markers(serial)
+                    t0 = time.perf_counter()
+                    assert client.post("/prpc/StartVm?json", json={"id": vm_id}).status_code == 200
+                    pid = wait("qemu exec", lambda: qemu_pid(vm_dir))
+                    managed_exec.append(time.perf_counter() - t0)
+                    wait("boot marker", lambda n=before: markers(serial) > n)
+                    managed_marker.append(time.perf_counter() - t0)
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").decode().split("\0")
+                    assert client.post("/prpc/StopVm?json", json={"id": vm_id}).status_code == 200
 
-                before = markers(serial)
-                t0 = time.perf_counter()
-                bare = subprocess.Popen(argv, cwd=vm_dir, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-                try:
-                    cmdline = Path(f"/proc/{bare.pid}/cmdline")
-                    wait("bare exec", lambda p=cmdline: b"qemu" in p.read_bytes())
-                    bare_exec.append(time.perf_counter() - t0)
-                    wait("bare boot marker", lambda n=before: markers(serial) > n)
-                    bare_marker.append(time.perf_counter() - t0)
-                finally:
-                    os.kill(bare.pid, signal.SIGKILL)
-                    bare.wait(timeout=30)
-    finally:
-        daemon.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
+                    before = markers(serial)
+                    t0 = time.perf_counter()
+                    bare = subprocess.Popen(argv, cwd=vm_dir, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL)
+                    try:
+                        cmdline = Path(f"/proc/{bare.pid}/cmdline")
+                        wait("bare exec", lambda p=cmdline: b"qemu" in p.read_bytes())
+                        bare_exec.append(time.perf_counter() - t0)
+                        wait("bare boot marker", lambda n=before: markers(serial) > n)
+                        bare_marker.append(time.perf_counter() - t0)
+                    finally:
+                        os.kill(bare.pid, signal.SIGKILL)
+                        bare.wait(timeout=30)
+        finally:
+            daemon.destroy()
 
-    def show(label: str, values: list[float]) -> float:
-        median = statistics.median(values)
-        print(f"{label:34s} median {median:6.3f} s   rounds {[round(v, 3) for v in values]}")
-        return median
+        def show(label: str, values: list[float]) -> float:
+            median = statistics.median(values)
+            print(f"{label:34s} median {median:6.3f} s   rounds {[round(v, 3) for v in values]}")
+            return median
 
-    show("StartVm -> QEMU exec", managed_exec)
-    show("bare Popen -> QEMU exec", bare_exec)
-    managed = show("StartVm -> boot marker", managed_marker)
-    floor = show("bare QEMU -> boot marker", bare_marker)
-    print(f"ratio boot marker managed/bare      {managed / floor:.2f}  (aim <= 1.10)")
+        show("StartVm -> QEMU exec", managed_exec)
+        show("bare Popen -> QEMU exec", bare_exec)
+        managed = show("StartVm -> boot marker", managed_marker)
+        floor = show("bare QEMU -> boot marker", bare_marker)
+        print(f"ratio boot marker managed/bare      {managed / floor:.2f}  (aim <= 1.10)")
 
 
 if __name__ == "__main__":

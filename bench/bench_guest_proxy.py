@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.daemon_proc import start_daemon  # noqa: E402
 from tests.support.guest_image import ensure_guest_image  # noqa: E402
+from tests.support.short_dirs import short_dir  # noqa: E402
 from vmm.guest_channel import GuestAgentClient, SerialTransport  # noqa: E402
 
 COMPOSE = json.dumps({"runner": "docker-compose"})
@@ -55,34 +54,35 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
     image = ensure_guest_image()
-    workdir = Path(tempfile.mkdtemp(prefix="bg", dir="/tmp"))
-    daemon = start_daemon(workdir, extra_config=f'[image]\npath = "{image.parent}"\n[cvm]\naccel = "tcg"\n')
-    try:
-        with daemon.client() as client:
-            vm_id = client.post("/prpc/CreateVm?json", json={
-                "name": "bench", "image": image.name, "compose_file": COMPOSE, "vcpu": 1,
-                "memory": 512, "disk_size": 2}).json()["id"]
-            deadline = time.monotonic() + 180
-            while client.post("/prpc/GetInfo?json", json={"id": vm_id}).json()["info"][
-                    "boot_progress"] != "done":
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the VM did not finish booting")
-                time.sleep(0.2)
-            client.post("/guest/SysInfo?json", json={"id": vm_id}).raise_for_status()
-            proxied = []
-            for _ in range(args.calls):
-                t0 = time.perf_counter()
+    with short_dir("bg") as workdir:
+        config = f'[image]\npath = "{image.parent}"\n[cvm]\naccel = "tcg"\n'
+        daemon = start_daemon(workdir, extra_config=config)
+        try:
+            with daemon.client() as client:
+                vm_id = client.post("/prpc/CreateVm?json", json={
+                    "name": "bench", "image": image.name, "compose_file": COMPOSE, "vcpu": 1,
+                    "memory": 512, "disk_size": 2}).json()["id"]
+                deadline = time.monotonic() + 180
+                while client.post("/prpc/GetInfo?json", json={"id": vm_id}).json()["info"][
+                        "boot_progress"] != "done":
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the VM did not finish booting")
+                    time.sleep(0.2)
                 client.post("/guest/SysInfo?json", json={"id": vm_id}).raise_for_status()
-                proxied.append(time.perf_counter() - t0)
-        daemon.kill()  # SIGKILL: the VM lives on, and its agent socket is free again
-        straight = asyncio.run(direct(workdir / "state" / "vm" / vm_id / "agent.sock", args.calls))
-    finally:
-        daemon.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
-    for label, values in (("direct to the agent (serial)", straight), ("via /guest proxy", proxied)):
-        print(f"{label:30s} p50 {statistics.median(values) * 1e3:7.2f} ms   "
-              f"p99 {percentile(values, 0.99) * 1e3:7.2f} ms   ({len(values)} calls)")
-    print(f"ratio p50 proxy/direct         {statistics.median(proxied) / statistics.median(straight):.2f}")
+                proxied = []
+                for _ in range(args.calls):
+                    t0 = time.perf_counter()
+                    client.post("/guest/SysInfo?json", json={"id": vm_id}).raise_for_status()
+                    proxied.append(time.perf_counter() - t0)
+            daemon.kill()  # SIGKILL: the VM lives on, and its agent socket is free again
+            straight = asyncio.run(direct(workdir / "state" / "vm" / vm_id / "agent.sock", args.calls))
+        finally:
+            daemon.destroy()
+        for label, values in (("direct to the agent (serial)", straight), ("via /guest proxy", proxied)):
+            print(f"{label:30s} p50 {statistics.median(values) * 1e3:7.2f} ms   "
+                  f"p99 {percentile(values, 0.99) * 1e3:7.2f} ms   ({len(values)} calls)")
+        ratio = statistics.median(proxied) / statistics.median(straight)
+        print(f"ratio p50 proxy/direct         {ratio:.2f}")
 
 
 if __name__ == "__main__":

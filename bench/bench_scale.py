@@ -22,17 +22,19 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support.short_dirs import short_dir  # noqa: E402
+
 LISTEN_RE = re.compile(r"listening on tcp:127\.0\.0\.1:(\d+)")
 COMPOSE = json.dumps({"manifest_version": 2, "name": "bench", "runner": "docker-compose",
                       "docker_compose_file": "services: {}\n"})
@@ -171,59 +173,58 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--restarts", type=int, default=3)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="vmmb", dir="/tmp"))
-    daemon = Daemon(workdir)
-    try:
-        daemon.write_config(args.vms)
-        empty_starts = []
-        for _ in range(args.restarts):
-            empty_starts.append(daemon.start())
-            daemon.kill()
-        daemon.start()
-        created = create_vms(daemon.port, args.vms)
-        print(f"created {args.vms} stopped VMs in {created:.1f} s "
-              f"({args.vms / created:.0f}/s over 4 connections)")
+    with short_dir("vmmb") as workdir:
+        daemon = Daemon(workdir)
+        try:
+            daemon.write_config(args.vms)
+            empty_starts = []
+            for _ in range(args.restarts):
+                empty_starts.append(daemon.start())
+                daemon.kill()
+            daemon.start()
+            created = create_vms(daemon.port, args.vms)
+            print(f"created {args.vms} stopped VMs in {created:.1f} s "
+                  f"({args.vms / created:.0f}/s over 4 connections)")
 
-        floor = latencies(daemon.port, "Version", "", args.calls)
-        brief = latencies(daemon.port, "Status", "?brief=true", args.calls)
-        full = latencies(daemon.port, "Status", "?brief=false", args.calls // 4)
-        size_brief = len(call(http.client.HTTPConnection("127.0.0.1", daemon.port), "Status",
-                              "?brief=true"))
-        size_full = len(call(http.client.HTTPConnection("127.0.0.1", daemon.port), "Status",
-                             "?brief=false"))
+            floor = latencies(daemon.port, "Version", "", args.calls)
+            brief = latencies(daemon.port, "Status", "?brief=true", args.calls)
+            full = latencies(daemon.port, "Status", "?brief=false", args.calls // 4)
+            size_brief = len(call(http.client.HTTPConnection("127.0.0.1", daemon.port), "Status",
+                                  "?brief=true"))
+            size_full = len(call(http.client.HTTPConnection("127.0.0.1", daemon.port), "Status",
+                                 "?brief=false"))
 
-        reload_same = [timed_call(daemon.port, "ReloadVms")[0] for _ in range(3)]
-        for manifest in (workdir / "state" / "vm").glob("*/vm-manifest.json"):
-            data = json.loads(manifest.read_text())
-            manifest.write_text(json.dumps(data | {"name": "edited"}))
-        reload_all, answer = timed_call(daemon.port, "ReloadVms")
+            reload_same = [timed_call(daemon.port, "ReloadVms")[0] for _ in range(3)]
+            for manifest in (workdir / "state" / "vm").glob("*/vm-manifest.json"):
+                data = json.loads(manifest.read_text())
+                manifest.write_text(json.dumps(data | {"name": "edited"}))
+            reload_all, answer = timed_call(daemon.port, "ReloadVms")
 
-        full_starts = []
-        for _ in range(args.restarts):
-            daemon.kill()
-            full_starts.append(daemon.start())
-    finally:
-        daemon.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
+            full_starts = []
+            for _ in range(args.restarts):
+                daemon.kill()
+                full_starts.append(daemon.start())
+        finally:
+            daemon.destroy()
 
-    fl50 = statistics.median(floor)
-    print(f"\n{args.vms} VMs defined; latencies over {args.calls} calls on one keep-alive connection")
-    print(f"  Version (floor)        p50 {fl50:7.2f} ms  p99 {p(floor, 0.99):7.2f} ms")
-    for name, values, size in (("Status brief", brief, size_brief), ("Status full", full, size_full)):
-        p50 = statistics.median(values)
-        print(f"  {name:<22} p50 {p50:7.2f} ms  p99 {p(values, 0.99):7.2f} ms  "
-              f"({size / 1024:.0f} KiB, x{p50 / fl50:.0f} the floor)")
-    print("  aim: Status brief p50 <= 25 ms")
-    e50, f50 = statistics.median(empty_starts), statistics.median(full_starts)
-    print(f"\nstart-up until Version answers (median of {args.restarts})")
-    print(f"  empty run directory (floor)  {e50:6.2f} s   runs {[round(x, 2) for x in empty_starts]}")
-    print(f"  {args.vms} work directories      {f50:6.2f} s   runs "
-          f"{[round(x, 2) for x in full_starts]}  (+{f50 - e50:.2f} s, x{f50 / e50:.2f})")
-    print("  aim: <= 2 s")
-    print("\nReloadVms")
-    print(f"  nothing changed          {statistics.median(reload_same) * 1000:7.1f} ms "
-          f"(x{statistics.median(reload_same) * 1000 / fl50:.0f} the Version floor)")
-    print(f"  every manifest edited    {reload_all * 1000:7.1f} ms  -> {answer.decode()}")
+        fl50 = statistics.median(floor)
+        print(f"\n{args.vms} VMs defined; latencies over {args.calls} calls on one keep-alive connection")
+        print(f"  Version (floor)        p50 {fl50:7.2f} ms  p99 {p(floor, 0.99):7.2f} ms")
+        for name, values, size in (("Status brief", brief, size_brief), ("Status full", full, size_full)):
+            p50 = statistics.median(values)
+            print(f"  {name:<22} p50 {p50:7.2f} ms  p99 {p(values, 0.99):7.2f} ms  "
+                  f"({size / 1024:.0f} KiB, x{p50 / fl50:.0f} the floor)")
+        print("  aim: Status brief p50 <= 25 ms")
+        e50, f50 = statistics.median(empty_starts), statistics.median(full_starts)
+        print(f"\nstart-up until Version answers (median of {args.restarts})")
+        print(f"  empty run directory (floor)  {e50:6.2f} s   runs {[round(x, 2) for x in empty_starts]}")
+        print(f"  {args.vms} work directories      {f50:6.2f} s   runs "
+              f"{[round(x, 2) for x in full_starts]}  (+{f50 - e50:.2f} s, x{f50 / e50:.2f})")
+        print("  aim: <= 2 s")
+        print("\nReloadVms")
+        print(f"  nothing changed          {statistics.median(reload_same) * 1000:7.1f} ms "
+              f"(x{statistics.median(reload_same) * 1000 / fl50:.0f} the Version floor)")
+        print(f"  every manifest edited    {reload_all * 1000:7.1f} ms  -> {answer.decode()}")
 
 
 if __name__ == "__main__":

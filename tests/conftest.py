@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import pytest
 
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.kms_peer import KmsPeer, kms_peer
+from tests.support.short_dirs import short_dir
 
 
 def make_image(images: Path, name: str, metadata: dict[str, object] | str) -> Path:
@@ -60,11 +59,8 @@ def kms() -> Iterator[KmsPeer]:
 @pytest.fixture(scope="module")
 def short_tmp() -> Iterator[Path]:
     """A short temp dir: Unix socket paths are limited to 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="vmmt", dir="/tmp"))
-    try:
+    with short_dir("vmmt") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

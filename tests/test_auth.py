@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import httpx
 import pytest
 
 from tests.support.daemon_proc import DaemonProcess, start_daemon
+from tests.support.short_dirs import short_dir
 from vmm.auth import Authenticator, load_htpasswd
 from vmm.config import AuthConfig
 from vmm.exceptions import ConfigError
@@ -27,23 +26,22 @@ def basic(user: str, password: str) -> str:
 
 @pytest.fixture(scope="module")
 def secured() -> Iterator[DaemonProcess]:
-    workdir = Path(tempfile.mkdtemp(prefix="vmma", dir="/tmp"))
-    hashed = bcrypt.hashpw(b"pa55word", bcrypt.gensalt(rounds=4)).decode()
-    # htpasswd -B writes $2y$; the daemon must accept it.
-    (workdir / "htpasswd").write_text(f"# users\nalice:$2y${hashed[4:]}\n")
-    proc = start_daemon(
-        workdir,
-        addresses=["tcp:127.0.0.1:0"],
-        extra_config=(
-            f'[auth]\nenabled = true\ntokens = ["{TOKEN}", "{OTHER_TOKEN}", ""]\n'
-            f'htpasswd_file = "{workdir / "htpasswd"}"\n'
-        ),
-    )
-    try:
-        yield proc
-    finally:
-        proc.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with short_dir("vmma") as workdir:
+        hashed = bcrypt.hashpw(b"pa55word", bcrypt.gensalt(rounds=4)).decode()
+        # htpasswd -B writes $2y$; the daemon must accept it.
+        (workdir / "htpasswd").write_text(f"# users\nalice:$2y${hashed[4:]}\n")
+        proc = start_daemon(
+            workdir,
+            addresses=["tcp:127.0.0.1:0"],
+            extra_config=(
+                f'[auth]\nenabled = true\ntokens = ["{TOKEN}", "{OTHER_TOKEN}", ""]\n'
+                f'htpasswd_file = "{workdir / "htpasswd"}"\n'
+            ),
+        )
+        try:
+            yield proc
+        finally:
+            proc.destroy()
 
 
 @pytest.mark.parametrize(
@@ -149,13 +147,12 @@ def test_htpasswd_refuses_non_bcrypt_entries(tmp_path: Path) -> None:
 
 def test_warning_when_open_on_a_public_address() -> None:
     """Auth off on a non-loopback TCP address is logged as a warning."""
-    workdir = Path(tempfile.mkdtemp(prefix="vmma", dir="/tmp"))
-    daemon = start_daemon(workdir, addresses=["tcp:0.0.0.0:0"])
-    try:
-        port = daemon.base_url.rsplit(":", 1)[1]
-        with httpx.Client(timeout=10) as client:
-            assert client.post(f"http://127.0.0.1:{port}/prpc/Version?json").status_code == 200
-        assert "auth is disabled and the API listens on 0.0.0.0" in daemon.log()
-    finally:
-        daemon.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with short_dir("vmma") as workdir:
+        daemon = start_daemon(workdir, addresses=["tcp:0.0.0.0:0"])
+        try:
+            port = daemon.base_url.rsplit(":", 1)[1]
+            with httpx.Client(timeout=10) as client:
+                assert client.post(f"http://127.0.0.1:{port}/prpc/Version?json").status_code == 200
+            assert "auth is disabled and the API listens on 0.0.0.0" in daemon.log()
+        finally:
+            daemon.destroy()

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tests.support.idle_image import IDLE_IMAGE
+from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import (
     call,
     create,
@@ -23,7 +24,6 @@ from tests.support.vm_ops import (
     qemu_pid_of,
     rpc,
     status_of,
-    temp_dir,
     vm_info,
     wait_for,
 )
@@ -62,7 +62,7 @@ def test_backoff_doubles_up_to_the_cap() -> None:
 
 def test_killed_qemu_restarts_then_gives_up_once() -> None:
     """SIGKILLed QEMU → exited → restarted; with a broken kernel it gives up after max_retries."""
-    with temp_dir("vmma") as workdir, idle_daemon(workdir, extra=restart_config()) as daemon, \
+    with short_dir("vmma") as workdir, idle_daemon(workdir, extra=restart_config()) as daemon, \
             daemon.client() as client:
         vm_id = create(client)
         vm_dir = workdir / "state" / "vm" / vm_id
@@ -109,7 +109,7 @@ def test_killed_qemu_restarts_then_gives_up_once() -> None:
 def test_refused_start_counts_as_a_failed_attempt() -> None:
     """StartVm refused (host port taken) → the VM stays exited, retried, then given up."""
     port = free_port()
-    with temp_dir("vmma") as workdir, \
+    with short_dir("vmma") as workdir, \
             idle_daemon(workdir, extra=restart_config(max_retries=2)) as daemon, \
             daemon.client() as client, socket.socket() as squatter:
         vm_id = create(client, stopped=True,
@@ -132,7 +132,7 @@ def test_refused_start_counts_as_a_failed_attempt() -> None:
 
 def test_running_for_reset_window_resets_the_counter() -> None:
     """After reset_window of health, the next crash starts again from attempt 1."""
-    with temp_dir("vmma") as workdir, \
+    with short_dir("vmma") as workdir, \
             idle_daemon(workdir, extra=restart_config(reset_window=2)) as daemon, \
             daemon.client() as client:
         vm_id = create(client)

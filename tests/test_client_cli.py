@@ -13,7 +13,8 @@ import pytest
 
 from tests.support.daemon_proc import DaemonProcess
 from tests.support.idle_image import IDLE_IMAGE
-from tests.support.vm_ops import idle_daemon, status_of, temp_dir, wait_for
+from tests.support.short_dirs import short_dir
+from tests.support.vm_ops import idle_daemon, status_of, wait_for
 from vmm.client_cli import _port, _size_gb, _size_mb
 
 TOKEN = "cli-token"
@@ -21,7 +22,7 @@ TOKEN = "cli-token"
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    with temp_dir("vmmc") as workdir, idle_daemon(
+    with short_dir("vmmc") as workdir, idle_daemon(
         workdir, extra=f'[auth]\nenabled = true\ntokens = ["{TOKEN}"]\n'
     ) as proc:
         yield proc

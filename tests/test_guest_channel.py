@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
-import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from guest_agent.framing import (
     encode_frame,
     encode_response,
 )
+from tests.support import short_dirs
 from vmm.guest_channel import (
     AgentError,
     ChannelError,
@@ -34,11 +33,8 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="gc", dir="/tmp"))
-    try:
+    with short_dirs.short_dir("gc") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 async def frame_peer(

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.guest_image import ensure_guest_image
 from tests.support.qmp import QMPClient
+from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import rpc, vm_info
 from tests.test_manager import COMPOSE, qemu_config, wait_for
 from vmm.rpc import guest_api_pb2 as gpb
@@ -30,20 +29,19 @@ VCPU, MEMORY_MB = 2, 768
 def booted() -> Iterator[tuple[DaemonProcess, str]]:
     """One daemon with one VM that has finished booting (boot_progress done)."""
     image = ensure_guest_image()
-    workdir = Path(tempfile.mkdtemp(prefix="vmmg", dir="/tmp"))
-    daemon = start_daemon(workdir, extra_config=qemu_config(image))
-    try:
-        with daemon.client() as client:
-            vm_id = rpc(client, "CreateVm", {
-                "name": "guest-api", "image": image.name, "compose_file": COMPOSE,
-                "vcpu": VCPU, "memory": MEMORY_MB, "disk_size": 2,
-            })["id"]
-            wait_for("boot_progress done",
-                     lambda: vm_info(client, vm_id)["boot_progress"] == "done", timeout=180)
-        yield daemon, vm_id
-    finally:
-        daemon.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with short_dir("vmmg") as workdir:
+        daemon = start_daemon(workdir, extra_config=qemu_config(image))
+        try:
+            with daemon.client() as client:
+                vm_id = rpc(client, "CreateVm", {
+                    "name": "guest-api", "image": image.name, "compose_file": COMPOSE,
+                    "vcpu": VCPU, "memory": MEMORY_MB, "disk_size": 2,
+                })["id"]
+                wait_for("boot_progress done",
+                         lambda: vm_info(client, vm_id)["boot_progress"] == "done", timeout=180)
+            yield daemon, vm_id
+        finally:
+            daemon.destroy()
 
 
 def guest(daemon: DaemonProcess, method: str, vm_id: str) -> Any:
@@ -207,8 +205,5 @@ def test_shutdowns_stopped_vm_and_killed_agent(workdir_image: tuple[Path, Path])
 
 @pytest.fixture
 def workdir_image() -> Iterator[tuple[Path, Path]]:
-    path = Path(tempfile.mkdtemp(prefix="vmmh", dir="/tmp"))
-    try:
+    with short_dir("vmmh") as path:
         yield path, ensure_guest_image()
-    finally:
-        shutil.rmtree(path, ignore_errors=True)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +22,7 @@ from guest_agent.framing import (
 from tests.conftest import populate_images
 from tests.support.daemon_proc import kill_vm_processes
 from tests.support.key_provider_peer import key_provider_peer, sealed_for
+from tests.support.short_dirs import short_dir
 from vmm.config import Config, ImageConfig, KeyProviderConfig, SupervisorConfig
 from vmm.host import detect
 from vmm.host_api import HostApiLink
@@ -37,12 +36,11 @@ COMPOSE = json.dumps({"gateway_enabled": True, "runner": "docker-compose"})
 
 @pytest.fixture
 def state() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ha", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        kill_vm_processes(path)
-        shutil.rmtree(path, ignore_errors=True)
+    with short_dir("ha") as path:
+        try:
+            yield path
+        finally:
+            kill_vm_processes(path)
 
 
 def make_config(state: Path, key_provider: KeyProviderConfig) -> Config:

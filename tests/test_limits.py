@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import (
     FAKE_IMAGE,
     call,
@@ -19,7 +20,6 @@ from tests.support.vm_ops import (
     qemu_pid_of,
     rpc,
     status_of,
-    temp_dir,
     wait_for,
 )
 
@@ -53,7 +53,7 @@ def try_create(client: httpx.Client, **fields: Any) -> httpx.Response:
 @pytest.mark.qemu
 def test_limits_refuse_then_accept_after_remove() -> None:
     """A VM over the vCPU/memory totals is refused with what is left; removing one makes room."""
-    with temp_dir("vmml") as workdir, idle_daemon(workdir, cvm=LIMITS) as daemon, \
+    with short_dir("vmml") as workdir, idle_daemon(workdir, cvm=LIMITS) as daemon, \
             daemon.client() as client:
         running = create(client, vcpu=2, memory=256)  # boots (idle image)
         wait_for("QEMU", lambda: qemu_pid_of(workdir / "state" / "vm" / running))
@@ -89,7 +89,7 @@ def test_limits_refuse_then_accept_after_remove() -> None:
 
 def test_cid_pool_caps_the_vm_count() -> None:
     """The CID pool is the VM count: the fifth VM of a pool of four is refused."""
-    with temp_dir("vmml") as workdir, idle_daemon(
+    with short_dir("vmml") as workdir, idle_daemon(
             workdir, cvm="max_allocable_vcpu = 100\ncid_pool_size = 4\n") as daemon, \
             daemon.client() as client:
         for _ in range(4):
@@ -102,7 +102,7 @@ def test_cid_pool_caps_the_vm_count() -> None:
 @pytest.mark.qemu
 def test_start_refused_when_over_committed() -> None:
     """A directory dropped in beyond the limits loads on ReloadVms, but will not start."""
-    with temp_dir("vmml") as workdir, idle_daemon(workdir, cvm=LIMITS) as daemon, \
+    with short_dir("vmml") as workdir, idle_daemon(workdir, cvm=LIMITS) as daemon, \
             daemon.client() as client:
         original = create(client, vcpu=3, memory=64, stopped=True)
         run = workdir / "state" / "vm"

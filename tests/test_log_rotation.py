@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import (
     create,
     idle_daemon,
     qemu_pid_of,
     rpc,
-    temp_dir,
     wait_for,
 )
 from vmm.log_rotation import disk_usage, rotate, rotate_if_over
@@ -83,7 +83,7 @@ def test_backups_beyond_a_smaller_setting_are_removed(tmp_path: Path) -> None:
 @pytest.mark.qemu
 def test_flood_stays_within_the_bound_and_logs_follow_rotation() -> None:
     """100 MB into a running VM's serial log ends within max_bytes*(backups+1); /logs follows on."""
-    with temp_dir("vmmr") as workdir, idle_daemon(workdir, extra=LOG_CONFIG) as daemon, \
+    with short_dir("vmmr") as workdir, idle_daemon(workdir, extra=LOG_CONFIG) as daemon, \
             daemon.client() as client:
         vm_id = create(client)
         vm_dir = workdir / "state" / "vm" / vm_id
@@ -124,7 +124,7 @@ def test_flood_stays_within_the_bound_and_logs_follow_rotation() -> None:
 @pytest.mark.qemu
 def test_each_start_begins_a_fresh_log() -> None:
     """StartVm rotates the logs first, so serial.log holds this boot and .1 the previous one."""
-    with temp_dir("vmmr") as workdir, idle_daemon(workdir, extra=LOG_CONFIG) as daemon, \
+    with short_dir("vmmr") as workdir, idle_daemon(workdir, extra=LOG_CONFIG) as daemon, \
             daemon.client() as client:
         vm_id = create(client)
         vm_dir = workdir / "state" / "vm" / vm_id

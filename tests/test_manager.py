@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from guest_agent import BOOT_MARKER
 from tests.support import vm_ops
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.guest_image import ensure_guest_image
+from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import free_port, rpc, vm_info
 
 pytestmark = pytest.mark.qemu
@@ -51,11 +50,8 @@ def image_dir() -> Path:
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vmml", dir="/tmp"))
-    try:
+    with short_dir("vmml") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def qemu_config(image_dir: Path, cvm: str = "", extra: str = "") -> str:

@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.short_dirs import short_dir
 from vmm.config import (
     Config,
     GpuConfig,
@@ -436,38 +436,37 @@ def test_development_argv_starts_real_qemu() -> None:
     qemu_img = shutil.which("qemu-img")
     if not qemu or not qemu_img:
         pytest.skip("qemu-system-x86_64 or qemu-img is not installed")
-    wd = Path(tempfile.mkdtemp(prefix="qa", dir="/tmp"))
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        img = wd / "img"
-        img.mkdir()
-        (img / "rootfs.img.verity").write_bytes(bytes(1 << 20))
-        (wd / "shared").mkdir()
-        spec, config = dev_case(wd=wd, img=img, host_port=0)
-        spec = replace(spec, host=replace(spec.host, qemu_path=qemu))
-        subprocess.run(qemu_img_create_argv(spec, qemu_img), check=True, timeout=30,
-                       capture_output=True)  # fmt: skip
-        argv = [*_without_boot(build_qemu_argv(spec, config)), "-S"]
-        with (wd / "stderr.log").open("wb") as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-        deadline = time.monotonic() + 30
-        while not (wd / QMP_SOCKET).exists():
-            assert proc.poll() is None, (wd / "stderr.log").read_text()
-            assert time.monotonic() < deadline, "no QMP socket after 30 s"
-            time.sleep(0.05)
-        qmp = _Qmp(wd / QMP_SOCKET, timeout=10)
+    with short_dir("qa") as wd:
+        proc: subprocess.Popen[bytes] | None = None
         try:
-            assert qmp.call("qmp_capabilities") == {}
-            assert qmp.call("query-status")["status"] == "prelaunch"
-            usernet = qmp.call("human-monitor-command", **{"command-line": "info usernet"})
-            assert usernet.count("HOST_FORWARD") == 2
-            assert (wd / AGENT_SOCKET).exists() and (wd / HOST_API_SOCKET).exists()
-            qmp.call("quit")
+            img = wd / "img"
+            img.mkdir()
+            (img / "rootfs.img.verity").write_bytes(bytes(1 << 20))
+            (wd / "shared").mkdir()
+            spec, config = dev_case(wd=wd, img=img, host_port=0)
+            spec = replace(spec, host=replace(spec.host, qemu_path=qemu))
+            subprocess.run(qemu_img_create_argv(spec, qemu_img), check=True, timeout=30,
+                           capture_output=True)  # fmt: skip
+            argv = [*_without_boot(build_qemu_argv(spec, config)), "-S"]
+            with (wd / "stderr.log").open("wb") as err:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+            deadline = time.monotonic() + 30
+            while not (wd / QMP_SOCKET).exists():
+                assert proc.poll() is None, (wd / "stderr.log").read_text()
+                assert time.monotonic() < deadline, "no QMP socket after 30 s"
+                time.sleep(0.05)
+            qmp = _Qmp(wd / QMP_SOCKET, timeout=10)
+            try:
+                assert qmp.call("qmp_capabilities") == {}
+                assert qmp.call("query-status")["status"] == "prelaunch"
+                usernet = qmp.call("human-monitor-command", **{"command-line": "info usernet"})
+                assert usernet.count("HOST_FORWARD") == 2
+                assert (wd / AGENT_SOCKET).exists() and (wd / HOST_API_SOCKET).exists()
+                qmp.call("quit")
+            finally:
+                qmp.close()
+            assert proc.wait(timeout=10) == 0
         finally:
-            qmp.close()
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        shutil.rmtree(wd, ignore_errors=True)
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)

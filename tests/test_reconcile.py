@@ -19,6 +19,7 @@ import pytest
 
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.idle_image import IDLE_IMAGE
+from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import (
     FAKE_IMAGE,
     call,
@@ -33,7 +34,6 @@ from tests.support.vm_ops import (
     rpc,
     status_of,
     supervisor_processes,
-    temp_dir,
     vm_info,
     wait_for,
 )
@@ -62,7 +62,7 @@ def cid_of(state: Path, vm_id: str) -> int:
 
 def test_reload_counts_and_applies_disk_changes() -> None:
     """ReloadVms loads new dirs, re-reads edited ones, forgets vanished ones (stopping QEMU)."""
-    with temp_dir("vmmc") as workdir, idle_daemon(workdir, extra=NO_AUTO_RESTART) as daemon, \
+    with short_dir("vmmc") as workdir, idle_daemon(workdir, extra=NO_AUTO_RESTART) as daemon, \
             daemon.client() as client:
         run = workdir / "state" / "vm"
         edited = create(client, FAKE_IMAGE, stopped=True)
@@ -95,7 +95,7 @@ def test_reload_counts_and_applies_disk_changes() -> None:
 
 def test_restart_keeps_cids_resumes_and_reports_orphans() -> None:
     """After kill -9: running VMs keep their CIDs, desired state is applied, orphans are left."""
-    with temp_dir("vmmc") as workdir:
+    with short_dir("vmmc") as workdir:
         prepare_images(workdir)
         config = idle_config(extra=NO_AUTO_RESTART)
         state, run = workdir / "state", workdir / "state" / "vm"
@@ -248,7 +248,7 @@ def test_kill_during_create_update_remove_leaves_consistent_state() -> None:
     rng = random.Random(seed)
     print(f"seed {seed}")
     ledger = Ledger(created=set(), removed=set(), remove_sent=set())
-    with temp_dir("vmmk") as workdir:
+    with short_dir("vmmk") as workdir:
         prepare_images(workdir)
         config = idle_config(cvm="max_allocable_vcpu = 1000\n", extra=NO_AUTO_RESTART)
         daemon: DaemonProcess | None = None
@@ -306,7 +306,7 @@ def allowed_outcomes(records: list[Record], ops: set[str]) -> dict[str, set[str]
 
 def test_concurrent_lifecycle_calls_end_consistent() -> None:
     """125 start/stop/update/status calls on 10 VMs from 5 clients: no 500, state = last call."""
-    with temp_dir("vmmn") as workdir, idle_daemon(workdir, extra=NO_AUTO_RESTART) as daemon:
+    with short_dir("vmmn") as workdir, idle_daemon(workdir, extra=NO_AUTO_RESTART) as daemon:
         state, run = workdir / "state", workdir / "state" / "vm"
         with daemon.client() as client:
             vm_ids = [create(client, stopped=True, compose_file=compose("0")) for _ in range(10)]

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support import short_dirs
 from tests.support.daemon_proc import start_daemon, write_config
 from vmm.exceptions import ConfigError
 from vmm.server import bind_tcp, bind_unix
@@ -20,11 +19,8 @@ from vmm.server import bind_tcp, bind_unix
 
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vmms", dir="/tmp"))
-    try:
+    with short_dirs.short_dir("vmms") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_stale_socket_file_is_replaced(short_dir: Path) -> None:

@@ -7,12 +7,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.daemon_proc import DaemonProcess
-from tests.support.vm_ops import create, idle_daemon, rpc, status_of, temp_dir, wait_for
+from tests.support.short_dirs import short_dir
+from tests.support.vm_ops import create, idle_daemon, rpc, status_of, wait_for
 
 
 @pytest.fixture
 def daemon() -> Iterator[DaemonProcess]:
-    with temp_dir("vmmsv") as workdir, idle_daemon(workdir) as proc:
+    with short_dir("vmmsv") as workdir, idle_daemon(workdir) as proc:
         yield proc
 
 

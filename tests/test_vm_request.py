@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import populate_images
 from tests.support.daemon_proc import DaemonProcess, start_daemon
+from tests.support.short_dirs import short_dir
 
 COMPOSE = json.dumps({"manifest_version": 2, "name": "demo", "runner": "docker-compose"})
 GOOD: dict[str, Any] = {
@@ -23,18 +21,17 @@ GOOD: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    workdir = Path(tempfile.mkdtemp(prefix="vmmr", dir="/tmp"))
-    populate_images(workdir / "state" / "images")
-    proc = start_daemon(workdir, extra_config=(
-        '[cvm]\naccel = "tcg"\nmax_allocable_vcpu = 8\nmax_allocable_memory_in_mb = 8192\n'
-        "max_disk_size_gb = 100\n"
-        '[cvm.port_mapping]\nenabled = true\nrange = [{protocol = "tcp", from = 2000, to = 3000}]\n'
-    ))
-    try:
-        yield proc
-    finally:
-        proc.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with short_dir("vmmr") as workdir:
+        populate_images(workdir / "state" / "images")
+        proc = start_daemon(workdir, extra_config=(
+            '[cvm]\naccel = "tcg"\nmax_allocable_vcpu = 8\nmax_allocable_memory_in_mb = 8192\n'
+            "max_disk_size_gb = 100\n"
+            '[cvm.port_mapping]\nenabled = true\nrange = [{protocol = "tcp", from = 2000, to = 3000}]\n'
+        ))
+        try:
+            yield proc
+        finally:
+            proc.destroy()
 
 
 def vm_dirs(daemon: DaemonProcess) -> list[str]:

@@ -14,6 +14,7 @@ import pytest
 from guest_agent import BOOT_MARKER
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.guest_image import ensure_guest_image
+from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import (
     FAKE_IMAGE,
     call,
@@ -26,7 +27,6 @@ from tests.support.vm_ops import (
     qemu_pid_of,
     rpc,
     status_of,
-    temp_dir,
     vm_info,
     wait_for,
 )
@@ -38,7 +38,7 @@ from vmm.workdir import SharedFiles, Workdir, create_workdir
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
     """Placeholder images, port mapping disabled (UpdateVm must not apply that policy)."""
-    with temp_dir("vmmu") as workdir:
+    with short_dir("vmmu") as workdir:
         prepare_images(workdir)
         proc = start_daemon(workdir, extra_config=(
             '[cvm]\naccel = "tcg"\nmax_allocable_vcpu = 8\nmax_allocable_memory_in_mb = 8192\n'
@@ -242,7 +242,7 @@ def test_update_and_resize_apply_at_next_boot() -> None:
     """UpdateVm leaves a running guest alone; after stop + resize the next boot has it all."""
     image = ensure_guest_image()
     first, second = compose("first"), compose("second")
-    with temp_dir("vmmq") as workdir:
+    with short_dir("vmmq") as workdir:
         daemon = start_daemon(workdir, extra_config=(
             f'[image]\npath = "{image.parent}"\n[cvm]\naccel = "tcg"\n'))
         try:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import socketserver
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -30,6 +28,7 @@ from tests.guest_agent.agent_harness import (
     listen_unix,
     running_agent,
 )
+from tests.support.short_dirs import short_dir
 
 COMPOSE = json.dumps({"manifest_version": 2, "name": "agent-test"}).encode()
 APP_ID = "0123456789abcdef0123456789abcdef01234567"
@@ -38,11 +37,8 @@ APP_ID = "0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A short directory: Unix socket paths must stay under 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="ga", dir="/tmp"))
-    try:
+    with short_dir("ga") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class Booted:

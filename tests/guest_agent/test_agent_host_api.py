@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,16 +27,14 @@ from guest_agent.host_api import (
 )
 from guest_agent.identity import Identity
 from tests.guest_agent.agent_harness import HostApiPeer, accept, listen_unix
+from tests.support.short_dirs import short_dir
 from vmm import qemu_argv
 
 
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ga", dir="/tmp"))
-    try:
+    with short_dir("ga") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def answer_by_method(path: str, body: bytes) -> tuple[int, bytes]:

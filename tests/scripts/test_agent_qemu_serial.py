@@ -6,7 +6,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from guest_agent import BOOT_MARKER
 from tests.guest_agent.agent_harness import FrameStream, GuestApiClient, HostApiPeer, connect_unix
 from tests.support.guest_image import ensure_guest_image
+from tests.support.short_dirs import short_dir
 
 MEMORY_MB = 512
 CPUS = 2
@@ -40,11 +40,8 @@ def test_serial_guest_api_and_host_api_on_a_real_boot() -> None:
         pytest.skip("qemu-system-x86_64 is not installed")
     image = ensure_guest_image()
     metadata = json.loads((image / "metadata.json").read_text())
-    workdir = Path(tempfile.mkdtemp(prefix="gaq", dir="/tmp"))
-    try:
+    with short_dir("gaq") as workdir:
         run_vm(qemu, image, metadata, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_vm(qemu: str, image: Path, metadata: dict[str, str], workdir: Path) -> None:

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.supervisor_proc import SupervisorPaths, short_dir
+from tests.support.short_dirs import short_dir
+from tests.support.supervisor_proc import SupervisorPaths
 
 
 @pytest.fixture

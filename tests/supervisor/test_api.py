@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tests.support.short_dirs import short_dir
 from tests.support.supervisor_proc import (
     SupervisorPaths,
     alive,
@@ -15,7 +16,6 @@ from tests.support.supervisor_proc import (
     release_fifo,
     running_supervisor,
     sh_config,
-    short_dir,
     wait_file_contains,
     wait_gone,
     wait_status,

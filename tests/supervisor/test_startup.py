@@ -10,12 +10,12 @@ from dataclasses import replace
 
 import pytest
 
+from tests.support.short_dirs import short_dir
 from tests.support.supervisor_proc import (
     SupervisorPaths,
     answers,
     child_env,
     running_supervisor,
-    short_dir,
     spawn_supervisor,
     wait_answers,
 )

@@ -12,12 +12,10 @@ import errno
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,16 +66,6 @@ class SupervisorPaths:
             return self.log_file.read_text(errors="replace")
         except FileNotFoundError:
             return "(no log)"
-
-
-@contextlib.contextmanager
-def short_dir() -> Iterator[Path]:
-    """A fresh directory under /tmp: pytest's tmp_path can exceed the 108-byte AF_UNIX limit."""
-    root = Path(tempfile.mkdtemp(prefix="sv", dir="/tmp"))
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def child_env() -> dict[str, str]:

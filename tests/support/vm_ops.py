@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -134,15 +132,6 @@ def idle_config(cvm: str = "", extra: str = "") -> str:
         '[cvm.port_mapping]\nenabled = true\n'
         'range = [{protocol = "tcp", from = 1024, to = 65535}]\n' + extra
     )
-
-
-@contextmanager
-def temp_dir(prefix: str) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def prepare_images(workdir: Path) -> Path:
