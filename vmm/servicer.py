@@ -199,15 +199,20 @@ class VmmServicer:
 
     # -- the supervisor's process table ---------------------------------------------------------
 
+    async def _sv_process(self, request: pb.Id) -> ProcessInfo:
+        process_id = _vm_id(request)
+        info = await self.daemon.manager.supervisor.info(process_id)
+        if info is None:
+            raise NotFound(f"Supervisor process not found: {process_id!r}")
+        return info
+
     async def SvList(self, request: Empty, ctx: CallContext) -> pb.SvListResponse:
         processes = await self.daemon.manager.supervisor.list()
         return pb.SvListResponse(processes=[_sv_process(p) for p in processes])
 
     async def SvStop(self, request: pb.Id, ctx: CallContext) -> Empty:
         manager = self.daemon.manager
-        process_id = _vm_id(request)
-        if await manager.supervisor.info(process_id) is None:
-            raise NotFound(f"Supervisor process not found: {process_id!r}")
+        process_id = (await self._sv_process(request)).config.id
         vm = manager.vms.get(process_id)
         if vm is not None:
             await manager.stop(process_id)  # keeps the VM's desired state honest
@@ -217,10 +222,8 @@ class VmmServicer:
 
     async def SvRemove(self, request: pb.Id, ctx: CallContext) -> Empty:
         manager = self.daemon.manager
-        process_id = _vm_id(request)
-        info = await manager.supervisor.info(process_id)
-        if info is None:
-            raise NotFound(f"Supervisor process not found: {process_id!r}")
+        info = await self._sv_process(request)
+        process_id = info.config.id
         vm = manager.vms.get(process_id)
         if info.state.status == "running" or (vm is not None and vm.started):
             raise Conflict(f"process {process_id} is running or should run; stop it first")
