@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL = 1.0
 AGENT_SHUTDOWN_TIMEOUT = 5.0
 REMOVE_POLL = 0.5
+# A SIGKILLed QEMU normally goes in milliseconds; one that does not is stuck in the kernel.
+REMOVE_TIMEOUT = 120.0
 QEMU_IMG_TIMEOUT = 120.0
 
 
@@ -316,7 +318,7 @@ class Manager:
 
     async def _finish_removal(self, vm: Vm) -> None:
         try:
-            async with vm.lock:
+            async with vm.lock, asyncio.timeout(REMOVE_TIMEOUT):
                 while True:
                     info = await self.supervisor.info(vm.id)
                     if info is None:
@@ -329,6 +331,9 @@ class Manager:
                     break
                 await self._forget(vm, delete=True)
             log.info("removed VM %s", vm.id)
+        except TimeoutError:
+            log.error("VM %s: QEMU still runs %gs after being killed; it stays 'removing' and "
+                      "is retried at start", vm.id, REMOVE_TIMEOUT)
         except Exception:
             log.exception("removing VM %s failed; it stays 'removing' and is retried at start",
                           vm.id)
