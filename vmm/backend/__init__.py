@@ -1,0 +1,1 @@
+"""Backends: what runs a VM's QEMU. ``base.VmBackend`` is the only thing the lifecycle layer sees."""
