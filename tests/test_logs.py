@@ -16,7 +16,11 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from tests.conftest import populate_images
+from tests.support.daemon_proc import start_daemon
 from tests.support.log_server import serve_in_thread
+from tests.support.short_dirs import short_dir
+from tests.support.vm_ops import FAKE_IMAGE, create, rpc, status_of
 from vmm.logs import (
     CHANNELS,
     HEARTBEAT,
@@ -123,6 +127,12 @@ class BodyReader:
                 raise AssertionError(f"stream ended before {needle!r}") from None
         consumed, _, self.received = self.received.partition(needle)
         return consumed + needle
+
+    def rest(self) -> bytes:
+        """Everything until the server ends the body (the client's read timeout bounds it)."""
+        rest = self.received + b"".join(self._chunks)
+        self.received = b""
+        return rest
 
 
 def numbered(count: int) -> bytes:
@@ -425,6 +435,46 @@ def test_follow_sends_heartbeats_while_idle(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_follow_ends_once_gone_after_sending_what_was_written(tmp_path: Path) -> None:
+    """When gone() turns true, a follow sends the rest (partial line too), then ends."""
+    path = tmp_path / "log"
+    path.write_bytes(b"a\n")
+    removed = False
+
+    async def scenario() -> None:
+        nonlocal removed
+        gen = stream_log(path, lines=10, follow=True, ansi=False, heartbeat_after=IDLE,
+                         poll_interval=POLL, gone=lambda: removed)
+        try:
+            assert await take(gen, 1) == [b"a\n"]
+            append(path, b"b\npartial")
+            removed = True
+            async with asyncio.timeout(TIMEOUT):
+                rest = [chunk async for chunk in gen if chunk != HEARTBEAT]
+            assert rest == [b"b\n", b"partial"]
+        finally:
+            await gen.aclose()
+        assert open_fds(path) == 0
+
+    run(scenario())
+
+
+def test_follow_of_a_log_never_created_ends_once_gone(tmp_path: Path) -> None:
+    """A follow waiting for a log that never appeared ends when gone() turns true."""
+    removed = False
+
+    async def scenario() -> list[bytes]:
+        nonlocal removed
+        gen = stream_log(tmp_path / "never", lines=10, follow=True, ansi=False,
+                         heartbeat_after=IDLE, poll_interval=POLL, gone=lambda: removed)
+        assert await take(gen, 1, heartbeats=True) == [HEARTBEAT]
+        removed = True
+        async with asyncio.timeout(TIMEOUT):
+            return [chunk async for chunk in gen if chunk != HEARTBEAT]
+
+    assert run(scenario()) == []
+
+
 def test_cancelled_follow_closes_its_file_and_leaves_no_task(tmp_path: Path) -> None:
     """Cancelling the consumer of an idle follow (a disconnect) runs cleanup: fd closed, no task."""
     path = tmp_path / "log"
@@ -673,3 +723,33 @@ def test_http_unknown_vm_is_404_and_reads_nothing(service: LogService, vm_id: st
     assert "VM not found" in body["message"]
     assert vm_id in body["message"]
     assert "SECRET" not in response.text
+
+
+# --- through the daemon ----------------------------------------------------------------------
+
+
+def test_daemon_follow_ends_when_the_vm_is_removed() -> None:
+    """A /logs?follow=true stream on a VM ends (body complete) once RemoveVm has removed it."""
+    with short_dir("vmmg") as workdir:
+        populate_images(workdir / "state" / "images")
+        daemon = start_daemon(workdir, extra_config='[cvm]\naccel = "tcg"\n')
+        try:
+            with daemon.client() as client:
+                vm_id = create(client, FAKE_IMAGE, stopped=True)
+                serial = workdir / "state" / "vm" / vm_id / "serial.log"
+                serial.write_bytes(b"booted once\n")
+                with httpx.Client(base_url=daemon.base_url, timeout=TIMEOUT) as streamer, \
+                        streamer.stream("GET", "/logs", params={"id": vm_id, "follow": "true"}) \
+                        as response:
+                    assert response.status_code == 200
+                    body = BodyReader(response)
+                    body.until(b"booted once\n")
+                    append(serial, b"last words\n")
+                    rpc(client, "RemoveVm", {"id": vm_id})
+                    # Ends well before the daemon's 60 s heartbeat; a stream that kept
+                    # running would hit the client's read timeout here instead.
+                    rest = body.rest()
+                assert rest == b"last words\n"
+                assert status_of(client, vm_id) == "gone"
+        finally:
+            daemon.destroy()

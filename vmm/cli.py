@@ -53,16 +53,25 @@ def cmd_check_config(config: Config, path: Path | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``-c`` is accepted before or after the subcommand (``vmm check-config -c FILE``)."""
+    config_help = "vmm.toml (default: ./vmm.toml if present)"
     parser = argparse.ArgumentParser(prog="vmm", description=__doc__)
-    parser.add_argument(
-        "-c", "--config", type=Path, help="vmm.toml (default: ./vmm.toml if present)"
-    )
+    parser.add_argument("-c", "--config", type=Path, help=config_help)
     parser.add_argument("--version", action="version", version=f"vmm {__version__}")
+    # SUPPRESS: a subcommand without -c must not reset a -c given before it to None.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="run the daemon (the default)")
-    sub.add_parser("check-config", help="validate the config and print what it resolves to")
-    args = parser.parse_args(argv)
+    sub.add_parser("serve", parents=[after], help="run the daemon (the default)")
+    sub.add_parser(
+        "check-config", parents=[after], help="validate the config and print what it resolves to"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     path = _config_path(args.config)
     try:
         config = load_config(path)

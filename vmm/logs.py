@@ -280,6 +280,7 @@ async def stream_log(
     heartbeat_after: float = 60.0,
     poll_interval: float = 0.25,
     start: Snapshot | None = None,
+    gone: Callable[[], bool] | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """Yield the last ``lines`` lines of ``path``, then (``follow``) lines as they are appended.
 
@@ -291,6 +292,9 @@ async def stream_log(
     ``start`` is the log as the request found it: the tail ends there, and anything appended
     after it is followed, even if it landed before this generator first ran (the response
     headers go out first, so without it a line written right after the request could be lost).
+
+    ``gone()`` turning true (the VM was removed) ends a followed stream once everything written
+    until then, a trailing partial line included, has been sent.
     """
     current = _LogFile(path)
     splitter = _LineSplitter()
@@ -318,6 +322,9 @@ async def stream_log(
         loop = asyncio.get_running_loop()
         last_sent = loop.time()
         while True:
+            # Sampled before reading: once the VM is gone nothing more is written, so a read
+            # that then finds nothing new has sent everything.
+            ending = gone is not None and gone()
             data = b""
             if current.fd is None and current.open():
                 current.offset = 0  # created after we started: every byte of it is new
@@ -340,6 +347,10 @@ async def stream_log(
                         yield out
                         last_sent = loop.time()
                 continue
+            if ending:
+                if out := _render(splitter.flush(), ansi=ansi):
+                    yield out
+                return
             idle = loop.time() - last_sent
             if idle >= heartbeat_after:
                 yield HEARTBEAT
@@ -425,7 +436,11 @@ class LogLookup(Protocol):
 def logs_route(
     lookup: LogLookup, *, heartbeat_after: float = 60.0, poll_interval: float = 0.25
 ) -> Route:
-    """The ``GET /logs`` route; ``lookup`` maps a VM id to its work directory."""
+    """The ``GET /logs`` route; ``lookup`` maps a VM id to its work directory.
+
+    A followed stream ends once ``lookup`` no longer gives the directory it started with (the
+    VM was removed), instead of sending heartbeats until the client leaves.
+    """
 
     async def logs(request: Request) -> Response:
         try:
@@ -449,6 +464,7 @@ def logs_route(
             heartbeat_after=heartbeat_after,
             poll_interval=poll_interval,
             start=await asyncio.to_thread(snapshot, path),
+            gone=lambda: lookup(query.vm_id) != workdir,
         )
         return _LogResponse(body)
 
