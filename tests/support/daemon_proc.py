@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 START_TIMEOUT = 60.0
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _LISTEN_RE = re.compile(r"listening on (tcp|unix):(\S+)")
 
 
@@ -183,6 +184,11 @@ def dump_toml(table: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
+def _repo_first_on_path() -> str:
+    """The checkout under test first: an editable install may point at another checkout."""
+    return os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+
+
 def start_daemon(
     workdir: Path,
     addresses: list[str] | None = None,
@@ -202,7 +208,7 @@ def start_daemon(
         cwd=workdir,
         stdout=log_file,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONPATH": _repo_first_on_path(), **(env or {})},
     )
     log_file.close()
     daemon = DaemonProcess(proc=proc, workdir=workdir, log_path=log_path, log_offset=offset)
