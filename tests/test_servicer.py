@@ -107,6 +107,12 @@ def test_get_compose_hash_is_sha256_of_the_exact_bytes(daemon: DaemonProcess) ->
          "compose_file.gateway_enabled"),
         ({"name": "ok", "compose_file": '{"key_provider": "magic"}'},
          "compose_file.key_provider"),
+        ({"name": "ok", "compose_file": "[" * 3000 + "]" * 3000},
+         "invalid field `compose_file`: is nested too deeply"),
+        ({"name": "ok", "compose_file": '{"x": ' + "[" * 3000 + "]" * 3000 + "}"},
+         "invalid field `compose_file`: is nested too deeply"),
+        ({"name": "ok", "compose_file": '{"manifest_version": ' + "9" * 5000 + "}"},
+         "invalid field `compose_file`: has an integer with more than"),
     ],
 )
 def test_get_compose_hash_validates(
