@@ -189,3 +189,101 @@ def test_protobuf_binary_round_trip_and_unknown_fields() -> None:
     assert codec.from_protobuf_bytes(b"\x98\x06\x01", pb.Id) == pb.Id()
     with pytest.raises(DecodeError):
         codec.from_protobuf_bytes(b"\x0a\xff", pb.Id)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"name": "\\ud800"}', "name"),
+        (b'{"name": "ok\\udfff tail"}', "name"),
+        (b'{"kms_urls": ["a", "\\ud800"]}', "kms_urls[1]"),
+        (b'{"ports": [{"protocol": "\\udc00"}]}', "ports[0].protocol"),
+    ],
+)
+def test_lone_surrogates_are_refused_naming_the_field(body: bytes, field: str) -> None:
+    """A JSON string escape that is half a surrogate pair is not text: 400 naming the field."""
+    with pytest.raises(InvalidField) as info:
+        codec.from_json_bytes(body, pb.VmConfiguration)
+    assert info.value.field == field
+    assert "lone surrogate" in info.value.reason
+
+
+def test_a_surrogate_pair_is_one_character() -> None:
+    """A proper pair (an emoji) still decodes."""
+    message = codec.from_json_bytes(b'{"name": "\\ud83d\\ude00"}', pb.VmConfiguration)
+    assert isinstance(message, pb.VmConfiguration)
+    assert message.name == "\N{GRINNING FACE}"
+
+
+@pytest.mark.parametrize(
+    "body", [b"[" * 2000 + b"]" * 2000, b'{"name": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001]
+)
+def test_json_nested_too_deep_is_a_decode_error(body: bytes) -> None:
+    """JSON nested thousands deep is a DecodeError saying so, not a RecursionError."""
+    with pytest.raises(DecodeError, match="nested too deeply"):
+        codec.from_json_bytes(body, pb.VmConfiguration)
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "reason"),
+    [
+        (b'{"vcpu": ' + b"9" * 5000 + b"}", "vcpu", "5000 digits is out of range for uint32"),
+        (b'{"vcpu": -' + b"9" * 5000 + b"}", "vcpu", "5000 digits is out of range for uint32"),
+        (b'{"ports": [{"host_port": ' + b"1" * 4301 + b"}]}", "ports[0].host_port",
+         "4301 digits is out of range"),
+        (b'{"name": ' + b"7" * 9999 + b"}", "name", "expected a string, got a number of 9999 digits"),
+        (b'{"kms_urls": [' + b"7" * 5000 + b"]}", "kms_urls[0]", "expected a string"),
+    ],
+)
+def test_integers_over_pythons_digit_limit_name_the_field(
+    body: bytes, field: str, reason: str
+) -> None:
+    """An integer of thousands of digits is a 400 naming its field, never Python's ValueError."""
+    with pytest.raises(InvalidField) as info:
+        codec.from_json_bytes(body, pb.VmConfiguration)
+    assert info.value.field == field
+    assert reason in info.value.reason
+    assert len(info.value.message) < 300
+
+
+def test_a_huge_integer_under_an_unknown_key_is_ignored() -> None:
+    """Unknown keys are ignored whatever they hold, a 5,000-digit number included."""
+    body = b'{"unknown": ' + b"9" * 5000 + b', "name": "x"}'
+    assert codec.from_json_bytes(body, pb.VmConfiguration) == pb.VmConfiguration(name="x")
+
+
+@pytest.mark.parametrize(
+    ("query", "field", "reason"),
+    [
+        ("ids" + "[0]" * 3000 + "=x", "ids", "nests 3001 levels deep"),
+        ("ids" + "[a]" * 3000 + "=x", "ids", "nests 3001 levels deep"),
+        ("ids[99999999]=x", "ids", "list index 99999999 is over"),
+        ("ids[" + "9" * 5000 + "]=x", "ids", "list index of 5000 digits is over"),
+        ("page=" + "9" * 5000, "page", "5000 digits is out of range for uint32"),
+        ("page=-" + "9" * 5000, "page", "5000 digits is out of range for uint32"),
+        ("page=%C2%B2", "page", "expected an integer"),
+    ],
+)
+def test_query_nesting_indices_and_digits_are_bounded(query: str, field: str, reason: str) -> None:
+    """Query keys thousands deep, huge list indices and huge numbers are 400s naming the field."""
+    with pytest.raises(InvalidField) as info:
+        codec.from_query_string(query, pb.StatusRequest)
+    assert info.value.field == field
+    assert reason in info.value.reason
+    assert len(info.value.message) < 300
+
+
+def test_unicode_digits_are_not_list_indices() -> None:
+    """Only ASCII digits index a list; '²' is a key like any other (and does not crash int())."""
+    with pytest.raises(InvalidField) as info:
+        codec.from_query_string("ids[%C2%B2]=x", pb.StatusRequest)
+    assert info.value.field == "ids[0]"
+
+
+def test_deep_unknown_protobuf_groups_are_a_decode_error() -> None:
+    """Protobuf nested past the parser's depth limit is a DecodeError, not a crash."""
+    body = b"\x9b\x06" * 2000 + b"\x9c\x06" * 2000  # field 99, start/end group
+    with pytest.raises(DecodeError, match="malformed protobuf"):
+        codec.from_protobuf_bytes(body, pb.Id)
+    with pytest.raises(DecodeError, match="bad UTF-8"):
+        codec.from_protobuf_bytes(b"\x0a\x03\xed\xa0\x80", pb.Id)  # a surrogate, CESU-encoded

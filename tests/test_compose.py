@@ -64,3 +64,20 @@ def test_bad_composes_name_the_field(raw: str, field: str) -> None:
     with pytest.raises(InvalidField) as info:
         parse_compose(raw)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("[" * 3000 + "]" * 3000, "is nested too deeply"),
+        ('{"services": ' + '{"a": ' * 3000 + "1" + "}" * 3001, "is nested too deeply"),
+        ('{"manifest_version": ' + "9" * 5000 + "}", "has an integer with more than 4300 digits"),
+        ('{"x": [-' + "1" * 4301 + "]}", "has an integer with more than 4300 digits"),
+    ],
+)
+def test_composes_too_deep_or_with_huge_integers_name_the_field(raw: str, reason: str) -> None:
+    """Nesting thousands deep or a 5,000-digit integer is an InvalidField, not a 500."""
+    with pytest.raises(InvalidField) as info:
+        parse_compose(raw)
+    assert info.value.field == "compose_file"
+    assert reason in info.value.reason

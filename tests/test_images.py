@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import make_image, populate_images
 from vmm.exceptions import InvalidField, NotFound
-from vmm.images import ImageError, list_images, load_image, validate_image_name
+from vmm.images import ImageError, list_images, load_image
 
 
 def test_listing_skips_broken_images(tmp_path: Path) -> None:
@@ -54,9 +54,20 @@ def test_unknown_image_and_bad_names(tmp_path: Path) -> None:
     """An unknown image is NotFound; traversal and odd characters are invalid names."""
     with pytest.raises(NotFound):
         load_image(tmp_path, "nope")
-    for bad in ("", "..", "a/b", "../x", "x" * 65, "a b"):
+    for bad in ("", ".", "..", "a/b", "../x", "x" * 65, "a b"):
         with pytest.raises(InvalidField):
-            validate_image_name(bad)
+            load_image(tmp_path, bad)
+
+
+def test_an_image_symlinked_from_outside_is_not_read(tmp_path: Path) -> None:
+    """A symlink in the images dir that leads outside it is refused and skipped by the listing."""
+    images = tmp_path / "images"
+    populate_images(images)
+    make_image(tmp_path, "elsewhere-0.5.0", {"kernel": "k", "initrd": "i", "version": "0.5.0"})
+    (images / "planted").symlink_to(tmp_path / "elsewhere-0.5.0", target_is_directory=True)
+    with pytest.raises(InvalidField, match="inside its directory"):
+        load_image(images, "planted")
+    assert [i.name for i in list_images(images)] == ["dstack-0.5.3", "dstack-dev-0.5.4"]
 
 
 def test_iso_rootfs_is_refused(tmp_path: Path) -> None:

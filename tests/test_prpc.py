@@ -14,6 +14,7 @@ from google.protobuf.empty_pb2 import Empty
 
 from tests.support.daemon_proc import DaemonProcess
 from tests.support.kms_peer import expected_answer
+from vmm.prpc import error_parts
 from vmm.rpc import prpc_pb2
 from vmm.rpc import vmm_rpc_pb2 as pb
 
@@ -268,3 +269,73 @@ def test_connection_survives_an_error(daemon: DaemonProcess) -> None:
     with httpx.Client(base_url=daemon.base_url, timeout=10) as client:
         assert client.post("/prpc/Nope?json").status_code == 400
         assert client.post("/prpc/Version?json").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b'{"keyword": "\\ud800"}', "invalid field `keyword`: contains a lone surrogate"),
+        (b'{"ids": ["ok", "x\\udc00"]}', "invalid field `ids[1]`: contains a lone surrogate"),
+        (b"[" * 2000 + b"]" * 2000, "nested too deeply"),
+        (b'{"keyword": ' + b'{"a": ' * 2000 + b"1" + b"}" * 2001, "nested too deeply"),
+        (b'{"page": ' + b"9" * 5000 + b"}", "invalid field `page`: an integer of 5000 digits"),
+        (b'{"keyword": -' + b"9" * 4301 + b"}", "invalid field `keyword`: expected a string"),
+    ],
+)
+def test_json_bodies_that_break_the_decoder_are_400(
+    daemon: DaemonProcess, body: bytes, fragment: str
+) -> None:
+    """Lone surrogates, nesting thousands deep and 5,000-digit integers are 400s, not 500s."""
+    with daemon.client() as client:
+        response = client.post("/prpc/Status?json", content=body,
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("query", "fragment"),
+    [
+        ("ids" + "[0]" * 2000 + "=x", "invalid field `ids`: query key nests 2001 levels deep"),
+        ("ids" + "[a]" * 2000 + "=x", "invalid field `ids`: query key nests 2001 levels deep"),
+        ("ids[99999999]=x", "invalid field `ids`: list index 99999999 is over"),
+        ("ids[" + "9" * 5000 + "]=x", "invalid field `ids`: list index of 5000 digits is over"),
+        ("page=" + "9" * 5000, "invalid field `page`: an integer of 5000 digits"),
+        ("ids[%C2%B2]=x", "invalid field `ids[0]`: expected a string"),
+    ],
+)
+def test_get_queries_that_break_the_decoder_are_400(
+    daemon: DaemonProcess, query: str, fragment: str
+) -> None:
+    """Query keys thousands deep, huge list indices and huge numbers are 400s naming the field."""
+    with daemon.client() as client:
+        response = client.get(f"/prpc/Status?{query}")
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"\x9b\x06" * 2000 + b"\x9c\x06" * 2000, "malformed protobuf body for Id"),
+        (b"\x0a\x03\xed\xa0\x80", "bad UTF-8"),
+    ],
+)
+def test_protobuf_bodies_that_break_the_decoder_are_400(
+    daemon: DaemonProcess, body: bytes, fragment: str
+) -> None:
+    """Protobuf groups nested 2,000 deep and a CESU-encoded surrogate are 400 PrpcErrors."""
+    with daemon.client() as client:
+        response = client.post("/prpc/GetInfo", content=body, headers=PROTOBUF)
+    assert response.status_code == 400
+    assert fragment in prpc_pb2.PrpcError.FromString(response.content).message
+
+
+@pytest.mark.parametrize("use_json", [True, False])
+def test_an_error_message_with_a_lone_surrogate_still_encodes(use_json: bool) -> None:
+    """An error text carrying a lone surrogate is escaped, so the error reply itself cannot fail."""
+    status, _, body = error_parts("bad \ud800 value", "X", 400, use_json=use_json)
+    assert status == 400
+    message = (json.loads(body)["error"] if use_json
+               else prpc_pb2.PrpcError.FromString(body).message)
+    assert message == "bad \\ud800 value"

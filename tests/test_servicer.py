@@ -14,6 +14,8 @@ from tests.conftest import make_image
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.kms_peer import KmsPeer, expected_answer
 from vmm import __version__
+from vmm.rpc import prpc_pb2
+from vmm.rpc import vmm_rpc_pb2 as pb
 
 
 def _curl(daemon: DaemonProcess, *args: str) -> tuple[int, str]:
@@ -105,6 +107,12 @@ def test_get_compose_hash_is_sha256_of_the_exact_bytes(daemon: DaemonProcess) ->
          "compose_file.gateway_enabled"),
         ({"name": "ok", "compose_file": '{"key_provider": "magic"}'},
          "compose_file.key_provider"),
+        ({"name": "ok", "compose_file": "[" * 3000 + "]" * 3000},
+         "invalid field `compose_file`: is nested too deeply"),
+        ({"name": "ok", "compose_file": '{"x": ' + "[" * 3000 + "]" * 3000 + "}"},
+         "invalid field `compose_file`: is nested too deeply"),
+        ({"name": "ok", "compose_file": '{"manifest_version": ' + "9" * 5000 + "}"},
+         "invalid field `compose_file`: has an integer with more than"),
     ],
 )
 def test_get_compose_hash_validates(
@@ -203,6 +211,39 @@ def test_delete_image(daemon: DaemonProcess) -> None:
             assert response.status_code == 400, bad
             assert "`id`" in response.json()["error"]
     assert (images / "dstack-0.5.3").is_dir()
+
+
+def test_delete_image_never_leaves_the_images_dir(daemon: DaemonProcess) -> None:
+    """DeleteImage refuses '.', '..', 'a/../b' and an outward symlink: nothing outside is touched."""
+    images = daemon.workdir / "state" / "images"
+    sibling = daemon.workdir / "state" / "sibling"
+    make_image(sibling, "victim-0.5.0", {"kernel": "k", "initrd": "i", "version": "0.5.0"})
+    (images / "planted").symlink_to(sibling / "victim-0.5.0", target_is_directory=True)
+    before = sorted(p.name for p in images.iterdir())
+    with daemon.client() as client:
+        for bad in (".", "..", "a/../b", "./dstack-0.5.3", "planted", "dstack-0.5.3\n"):
+            response = client.post("/prpc/DeleteImage?json", json={"id": bad})
+            assert response.status_code == 400, (bad, response.text)
+            assert "invalid field `id`" in response.json()["error"], bad
+            response = client.post("/prpc/DeleteImage", content=pb.Id(id=bad).SerializeToString(),
+                                   headers={"Content-Type": "application/octet-stream"})
+            assert response.status_code == 400, bad
+            assert "`id`" in prpc_pb2.PrpcError.FromString(response.content).message
+    assert sorted(p.name for p in images.iterdir()) == before
+    assert (sibling / "victim-0.5.0" / "metadata.json").is_file()
+    (images / "planted").unlink()
+
+
+def test_delete_image_of_an_inward_symlink_removes_only_the_link(daemon: DaemonProcess) -> None:
+    """An image that is a symlink to another image in the dir is deleted as a link, not a tree."""
+    images = daemon.workdir / "state" / "images"
+    make_image(images, "target-0.5.0", {"kernel": "k", "initrd": "i", "version": "0.5.0"})
+    (images / "alias-0.5.0").symlink_to("target-0.5.0", target_is_directory=True)
+    with daemon.client() as client:
+        response = client.post("/prpc/DeleteImage?json", json={"id": "alias-0.5.0"})
+    assert response.status_code == 200, response.text
+    assert not (images / "alias-0.5.0").is_symlink()
+    assert (images / "target-0.5.0" / "metadata.json").is_file()
 
 
 def test_list_gpus_reads_the_hosts_pci_devices(short_tmp: Path) -> None:

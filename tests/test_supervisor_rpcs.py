@@ -9,6 +9,8 @@ import pytest
 from tests.support.daemon_proc import DaemonProcess
 from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import create, idle_daemon, rpc, status_of, wait_for
+from vmm.rpc import prpc_pb2
+from vmm.rpc import vmm_rpc_pb2 as pb
 
 
 @pytest.fixture
@@ -45,3 +47,21 @@ def test_sv_list_stop_remove(daemon: DaemonProcess) -> None:
         # The VM itself is still defined and can start again (a new supervisor entry).
         rpc(client, "StartVm", {"id": vm_id})
         wait_for("QEMU to run again", lambda: status_of(client, vm_id) == "running")
+
+
+def test_sv_stop_and_remove_refuse_ids_that_are_not_names(daemon: DaemonProcess) -> None:
+    """SvStop/SvRemove with '..', '.', a slash or a newline are 400 naming `id`, in JSON and protobuf."""
+    with daemon.client() as client:
+        for method in ("SvStop", "SvRemove"):
+            for bad in ("..", ".", "../supervisor", "a\nb", "a b", "x" * 65):
+                response = client.post(f"/prpc/{method}?json", json={"id": bad})
+                assert response.status_code == 400, (method, bad, response.text)
+                assert "invalid field `id`" in response.json()["error"], (method, bad)
+                response = client.post(
+                    f"/prpc/{method}", content=pb.Id(id=bad).SerializeToString(),
+                    headers={"Content-Type": "application/octet-stream"},
+                )
+                assert response.status_code == 400, (method, bad)
+                assert "`id`" in prpc_pb2.PrpcError.FromString(response.content).message
+        # The supervisor was never asked, and still answers.
+        assert rpc(client, "SvList") == {"processes": []}

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qsl
 
@@ -38,6 +40,14 @@ _INT_RANGES: dict[int, tuple[str, int, int]] = {
     FieldDescriptor.TYPE_FIXED64: ("uint64", 0, 2**64 - 1),
 }
 _FLOATS = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE)
+# More significant digits than any 64-bit integer has: such a number is out of range unconverted.
+_MAX_INT_DIGITS = 20
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+# GET query keys: the protos nest a handful of levels, and a list index is bounded so a key
+# such as ids[99999999] is refused rather than taken for the first item.
+MAX_QUERY_DEPTH = 16
+MAX_QUERY_INDEX = 10_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,10 +148,38 @@ def from_json_bytes(body: bytes, message_class: type[Message]) -> Message:
     if not body.strip():
         return message_class()
     try:
-        value = json.loads(body)
+        value = _loads(body)
+    except RecursionError:
+        raise DecodeError("malformed JSON body: arrays or objects are nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DecodeError(f"malformed JSON body: {exc}") from None
     return from_json_value(value, message_class)
+
+
+@dataclass(frozen=True)
+class _LongInteger:
+    """A JSON integer with more digits than Python converts (4,300); only its length is kept."""
+
+    digits: int
+
+
+def _loads(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise
+    except ValueError:
+        # Only int() refuses valid JSON: an integer over Python's digit limit. Parse again with
+        # such integers kept as their length, so the field they land in can be named (or an
+        # unknown key holding one ignored).
+        return json.loads(body, parse_int=_int_or_long)
+
+
+def _int_or_long(text: str) -> int | _LongInteger:
+    try:
+        return int(text)
+    except ValueError:
+        return _LongInteger(len(text.lstrip("-")))
 
 
 def from_json_value(value: Any, message_class: type[Message]) -> Message:
@@ -232,7 +270,7 @@ def _scalar(field: FieldDescriptor, value: Any, path: str, *, from_query: bool) 
     if kind == FieldDescriptor.TYPE_STRING:
         if not isinstance(value, str):
             raise InvalidField(path, f"expected a string, got {_json_type(value)}")
-        return value
+        return _unicode_text(value, path)
     if kind == FieldDescriptor.TYPE_BOOL:
         if not isinstance(value, bool):
             raise InvalidField(path, f"expected true or false, got {_json_type(value)}")
@@ -241,16 +279,34 @@ def _scalar(field: FieldDescriptor, value: Any, path: str, *, from_query: bool) 
         return _hex_bytes(value, path)
     if kind in _INT_RANGES:
         name, low, high = _INT_RANGES[kind]
+        if isinstance(value, _LongInteger):
+            raise InvalidField(path, f"an integer of {value.digits} digits is out of range for {name}")
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidField(path, f"expected an integer ({name}), got {_json_type(value)}")
         if not low <= value <= high:
             raise InvalidField(path, f"{value} is out of range for {name} ({low}..{high})")
         return value
     if kind in _FLOATS:
+        if isinstance(value, _LongInteger):
+            raise InvalidField(path, f"an integer of {value.digits} digits is out of range")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidField(path, f"expected a number, got {_json_type(value)}")
         return float(value)
     raise InvalidField(path, f"unsupported field type {kind}")  # no enums in these protos
+
+
+def _unicode_text(value: str, path: str) -> str:
+    """``value`` if it can be UTF-8 (protobuf's string type); a lone surrogate cannot."""
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidField(
+                path,
+                f"contains a lone surrogate {value[exc.start]!r} at index {exc.start}, "
+                "which is not Unicode text",
+            ) from None
+    return value
 
 
 def _coerce_query_scalar(field: FieldDescriptor, text: str, path: str) -> Any:
@@ -260,16 +316,24 @@ def _coerce_query_scalar(field: FieldDescriptor, text: str, path: str) -> Any:
             return text == "true"
         raise InvalidField(path, f"expected true or false, got {text!r}")
     if kind in _INT_RANGES:
-        try:
-            return int(text, 10)
-        except ValueError:
-            raise InvalidField(path, f"expected an integer, got {text!r}") from None
+        if not _ASCII_INT.fullmatch(text):
+            raise InvalidField(path, f"expected an integer, got {_shown(text)}")
+        digits = len(text.lstrip("+-").lstrip("0"))
+        if digits > _MAX_INT_DIGITS:
+            name = _INT_RANGES[kind][0]
+            raise InvalidField(path, f"an integer of {digits} digits is out of range for {name}")
+        return int(text, 10)
     if kind in _FLOATS:
         try:
             return float(text)
         except ValueError:
-            raise InvalidField(path, f"expected a number, got {text!r}") from None
+            raise InvalidField(path, f"expected a number, got {_shown(text)}") from None
     return text
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for an error message, cut so a message never echoes a whole request."""
+    return repr(text[:64]) + ("..." if len(text) > 64 else "")
 
 
 def _hex_bytes(value: Any, path: str) -> bytes:
@@ -295,6 +359,7 @@ def _parse_query_tree(query: str) -> Any:
         raise DecodeError(f"malformed query string: {exc}") from None
     for raw_key, raw_value in pairs:
         segments = _key_segments(raw_key)
+        _check_query_key(segments)
         node: dict[str, Any] = root
         for segment in segments[:-1]:
             child = node.get(segment)
@@ -323,11 +388,28 @@ def _key_segments(key: str) -> list[str]:
     return segments
 
 
+def _check_query_key(segments: list[str]) -> None:
+    """Refuse keys nested past MAX_QUERY_DEPTH or with a list index past MAX_QUERY_INDEX."""
+    if len(segments) > MAX_QUERY_DEPTH:
+        raise InvalidField(
+            segments[0][:64],
+            f"query key nests {len(segments)} levels deep (at most {MAX_QUERY_DEPTH})",
+        )
+    for depth, segment in enumerate(segments[1:], start=1):
+        if not _ASCII_DIGITS.fullmatch(segment):
+            continue
+        short = len(segment) <= _MAX_INT_DIGITS
+        if not short or int(segment) > MAX_QUERY_INDEX:
+            field = segments[0] + "".join(f"[{s}]" for s in segments[1:depth])
+            index = segment if short else f"of {len(segment)} digits"
+            raise InvalidField(field, f"list index {index} is over {MAX_QUERY_INDEX}")
+
+
 def _lists_from_index_dicts(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     converted = {key: _lists_from_index_dicts(value) for key, value in node.items()}
-    if converted and all(key == "" or key.isdigit() for key in converted):
+    if converted and all(key == "" or _ASCII_DIGITS.fullmatch(key) for key in converted):
         items: list[Any] = []
         ordered = sorted(converted.items(), key=lambda kv: int(kv[0]) if kv[0] else -1)
         for _, value in ordered:
@@ -356,6 +438,8 @@ def _json_type(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, _LongInteger):
+        return f"a number of {value.digits} digits"
     if isinstance(value, int | float):
         return f"a number ({value!r})"
     if isinstance(value, str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,12 @@ def parse_compose(raw: str, field: str = "compose_file") -> AppCompose:
         document = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidField(field, f"is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidField(field, "is nested too deeply (arrays or objects)") from None
+    except ValueError:
+        # Valid JSON that int() refuses: an integer over Python's digit limit.
+        limit = sys.get_int_max_str_digits()
+        raise InvalidField(field, f"has an integer with more than {limit} digits") from None
     if not isinstance(document, dict):
         raise InvalidField(field, "must be a JSON object")
     _expect(document, field, "name", str)

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmm.exceptions import BadRequest, InvalidField, NotFound
+from vmm.exceptions import BadRequest, Conflict, InvalidField, NotFound
+from vmm.names import IMAGE_NAME, child_of
 
 log = logging.getLogger(__name__)
 
-IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _VERSION_FROM_NAME = re.compile(r"^dstack(?:-dev)?-(\d+\.\d+\.\d+)")
 MIN_VERSION = (0, 5, 0)
 
@@ -54,14 +57,9 @@ class Image:
         return parse_version(self.version)
 
 
-def validate_image_name(name: str, field: str = "image") -> str:
-    if not name:
-        raise InvalidField(field, "is required")
-    if ".." in name or not IMAGE_NAME_RE.match(name):
-        raise InvalidField(
-            field, f"{name!r} is not a valid image name (1-64 of A-Z a-z 0-9 _ . -, no '..')"
-        )
-    return name
+def image_dir(images_dir: Path, name: str, field: str = "image") -> Path:
+    """``images_dir/name`` once the name passes the image rule and the path stays inside."""
+    return child_of(images_dir, name, field, IMAGE_NAME)
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -74,8 +72,7 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 def load_image(images_dir: Path, name: str) -> Image:
     """Load and check one image; raise NotFound or ImageError with the reason."""
-    validate_image_name(name)
-    path = images_dir / name
+    path = image_dir(images_dir, name)
     meta_path = path / "metadata.json"
     if not meta_path.is_file():
         raise NotFound(f"image not found: {name!r} (no {meta_path})")
@@ -141,6 +138,27 @@ def load_image(images_dir: Path, name: str) -> Image:
     )
 
 
+def delete_image(
+    images_dir: Path, name: str, users: Iterable[tuple[str, str]], field: str = "image"
+) -> None:
+    """Delete image ``name`` unless a VM uses it; ``users`` holds (image, VM name) pairs.
+
+    A name that is a symlink to another image in the directory is an alias: only the link is
+    removed, and a VM that uses either name keeps the image it points to.
+    """
+    path = image_dir(images_dir, name, field)
+    target = os.path.realpath(path)  # realpath, unlike Path.resolve, never raises on a loop
+    for image, vm_name in users:
+        if image == name or os.path.realpath(images_dir / image) == target:
+            raise Conflict(f"cannot delete image {name!r}: in use by VM {vm_name!r}")
+    if not path.is_dir():
+        raise NotFound(f"image not found: {name!r}")
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
 def list_images(images_dir: Path) -> list[Image]:
     """Every loadable image, sorted by name; broken ones are logged and skipped."""
     try:
@@ -152,12 +170,9 @@ def list_images(images_dir: Path) -> list[Image]:
         return []
     images = []
     for entry in entries:
-        if not IMAGE_NAME_RE.match(entry.name):
-            log.warning("skipping image %r: not a valid image name", entry.name)
-            continue
         try:
             images.append(load_image(images_dir, entry.name))
-        except (ImageError, NotFound) as exc:
+        except (ImageError, InvalidField, NotFound) as exc:
             log.warning("skipping image %r: %s", entry.name, exc.message)
     return images
 

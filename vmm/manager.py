@@ -35,6 +35,7 @@ from vmm.exceptions import Conflict, InvalidField, SupervisorError, Unavailable,
 from vmm.host import HostCapabilities
 from vmm.images import Image
 from vmm.manifest import DesiredState, ManifestError, PortMap
+from vmm.names import VM_ID, is_valid_name
 from vmm.qmp import qmp_execute
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.supervisor.client import SupervisorClient
@@ -42,7 +43,7 @@ from vmm.supervisor.types import ProcessConfig, ProcessInfo
 from vmm.vm import Vm, process_note
 from vmm.vm_channels import ChannelHub
 from vmm.vm_request import build_vm, describe_port, find_image, ports_clash
-from vmm.workdir import VM_ID_RE, Workdir, create_workdir
+from vmm.workdir import Workdir, create_workdir
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +382,7 @@ class Manager:
         await reconcile.load_all(self)
 
     def _load_one(self, workdir: Workdir, process: ProcessInfo | None) -> Vm | None:
-        if not VM_ID_RE.match(workdir.id):
+        if not is_valid_name(workdir.id, VM_ID):
             log.warning("leaving %s untouched: not a VM id", workdir.path)
             return None
         try:

@@ -65,6 +65,10 @@ def child_of(root: Path, name: str, field: str, rule: NameRule = VM_ID) -> Path:
     """
     check_name(name, field, rule)
     path = root / name
-    if path.resolve().parent != root.resolve():
+    try:
+        inside = path.resolve().parent == root.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop, before Python 3.13
+        raise InvalidField(field, f"{name!r} cannot be resolved: {exc}") from None
+    if not inside:
         raise InvalidField(field, f"{name!r} does not name an entry inside its directory")
     return path

@@ -180,6 +180,8 @@ def error_response(exc: VmmError, *, use_json: bool) -> Response:
 
 
 def error_parts(message: str, code: str, status: int, *, use_json: bool) -> tuple[int, str, bytes]:
+    # A message may quote a caller's string; a lone surrogate in it must not fail the reply.
+    message = message.encode("utf-8", "backslashreplace").decode()
     if use_json:
         body: dict[str, Any] = {"error": message, "message": message, "code": code}
         return status, JSON_TYPE, json.dumps(body, indent=2, ensure_ascii=False).encode()

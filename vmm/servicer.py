@@ -10,7 +10,6 @@ import asyncio
 import ipaddress
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ from google.protobuf.empty_pb2 import Empty
 from vmm import compose, gpus, images, reconcile, vm_update
 from vmm._version import __version__, git_revision
 from vmm.exceptions import Conflict, InvalidField, NotFound, NotImplementedYet
+from vmm.names import VM_ID, check_name
 from vmm.prpc import CallContext
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.supervisor.types import ProcessInfo
@@ -50,9 +50,8 @@ def _sv_process(info: ProcessInfo) -> pb.SvProcessInfo:
 
 
 def _vm_id(request: pb.Id) -> str:
-    if not request.id:
-        raise InvalidField("id", "is required")
-    return request.id
+    """The request's VM (or supervisor process) id, refused unless it passes the VM id rule."""
+    return check_name(request.id, "id", VM_ID)
 
 
 class VmmServicer:
@@ -247,15 +246,11 @@ class VmmServicer:
         raise NotImplementedYet("PullRegistryImage")
 
     async def DeleteImage(self, request: pb.Id, ctx: CallContext) -> Empty:
-        name = images.validate_image_name(request.id, field="id")
-        for vm in self.daemon.manager.vms.values():
-            if vm.manifest.image == name:
-                raise Conflict(f"cannot delete image {name!r}: in use by VM {vm.manifest.name!r}")
-        path = Path(self.config.image.path) / name
-        if not path.is_dir():
-            raise NotFound(f"image not found: {name!r}")
-        await asyncio.to_thread(shutil.rmtree, path)
-        log.info("deleted image %s", name)
+        users = [(vm.manifest.image, vm.manifest.name) for vm in self.daemon.manager.vms.values()]
+        await asyncio.to_thread(
+            images.delete_image, Path(self.config.image.path), request.id, users, field="id"
+        )
+        log.info("deleted image %s", request.id)
         return Empty()
 
     async def ReportDhcpLease(self, request: pb.DhcpLeaseRequest, ctx: CallContext) -> Empty:

@@ -8,7 +8,6 @@ CreateVm leaves either nothing or a complete directory. Temporary directories st
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -16,8 +15,8 @@ from pathlib import Path
 
 from vmm.fsutil import atomic_write, fsync_dir
 from vmm.manifest import DesiredState, Manifest
+from vmm.names import VM_ID, child_of
 
-VM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CREATING_PREFIX = ".creating-"
 
 
@@ -149,10 +148,8 @@ def create_workdir(
     run_path: Path, manifest: Manifest, shared: SharedFiles, started: bool
 ) -> Workdir:
     """Write a complete work directory for ``manifest`` atomically and return it."""
-    if not VM_ID_RE.match(manifest.id):
-        raise ValueError(f"bad VM id {manifest.id!r}")
     run_path.mkdir(parents=True, exist_ok=True)
-    final = run_path / manifest.id
+    final = child_of(run_path, manifest.id, "id", VM_ID)
     staging = Workdir(run_path / f"{CREATING_PREFIX}{manifest.id}")
     staging.path.mkdir(mode=0o750)
     try:

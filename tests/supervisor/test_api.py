@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -232,3 +233,21 @@ async def test_truncated_log_is_written_from_the_start(paths: SupervisorPaths) -
         release_fifo(fifo)
         assert await wait_file_contains(out, "second") == "second\n"
         await client.stop("t")
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "a/b", "a\nb", "a b", "x" * 65])
+async def test_ids_that_are_not_names_are_400(paths: SupervisorPaths, bad: str) -> None:
+    """Deploy and every per-id route refuse an id outside the VM id rule with 400 naming `id`."""
+    seg = quote(bad, safe="").replace(".", "%2E")  # percent-encoded so no client normalises it
+    with raw(paths) as http:
+        replies = [
+            http.post("/deploy", json={**sh_config(paths, "b", "true").to_json(), "id": bad}),
+            http.post(f"/start/{seg}"),
+            http.post(f"/stop/{seg}"),
+            http.delete(f"/remove/{seg}"),
+            http.get(f"/info/{seg}"),
+        ]
+        for reply in replies:
+            assert reply.status_code == 400, (reply.request.url, reply.text)
+            assert "invalid field `id`" in reply.json()["error"]
+        assert http.get("/list").json() == {"data": []}

@@ -14,7 +14,7 @@ from tests.support.supervisor_proc import (
     kill_supervisor_by_pid_file,
     running_supervisor,
 )
-from vmm.exceptions import SupervisorError
+from vmm.exceptions import InvalidField, SupervisorError
 from vmm.supervisor.client import SupervisorClient, ensure_supervisor
 
 pytestmark = pytest.mark.anyio
@@ -67,3 +67,12 @@ async def test_ensure_supervisor_reports_a_failed_start(paths: SupervisorPaths) 
     with pytest.raises(SupervisorError, match=r"exited with code 2(.|\n)*not a socket"):
         await ensure_supervisor(paths.sock, paths.pid_file, paths.log_file, start_timeout=20)
     assert not answers(paths.sock)
+
+
+async def test_client_refuses_ids_that_are_not_names(paths: SupervisorPaths) -> None:
+    """The client never turns '..' or a newline into a URL: InvalidField before any request."""
+    async with SupervisorClient(paths.root / "none.sock", timeout=2) as client:
+        for call in (client.start, client.stop, client.remove, client.info):
+            for bad in ("..", ".", "a/b", "a\nb"):
+                with pytest.raises(InvalidField, match="`id`"):
+                    await call(bad)

@@ -20,6 +20,7 @@ import httpx
 
 import vmm
 from vmm.exceptions import SupervisorError
+from vmm.names import VM_ID, check_name
 from vmm.supervisor.process_table import STOP_TIMEOUT
 from vmm.supervisor.types import ProcessConfig, ProcessInfo
 
@@ -119,7 +120,8 @@ class SupervisorClient:
 
 
 def _seg(id: str) -> str:
-    return quote(id, safe="")
+    """``id`` as one URL path segment; '..' or '.' would be collapsed by URL normalisation."""
+    return quote(check_name(id, "id", VM_ID), safe="")
 
 
 def _info(data: object) -> ProcessInfo:

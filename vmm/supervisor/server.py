@@ -33,11 +33,13 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from vmm.exceptions import BadRequest, VmmError
+from vmm.names import VM_ID, check_name
 from vmm.supervisor.files import atomic_write
 from vmm.supervisor.process_table import ProcessTable
 from vmm.supervisor.types import ProcessConfig
@@ -61,6 +63,15 @@ class StartupError(Exception):
     """The supervisor must not start; the message says why."""
 
 
+class _AnyId(PathConvertor):
+    """``path`` that also spans newlines, so every id reaches the name check and gets its 400."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("any_id", _AnyId())
+
+
 # ---- HTTP API ----------------------------------------------------------------------------
 
 
@@ -80,23 +91,26 @@ def build_app(table: ProcessTable, request_exit: Callable[[], None]) -> Starlett
         table.deploy(config)
         return ok()
 
+    def id_of(request: Request) -> str:
+        return check_name(request.path_params["id"], "id", VM_ID)
+
     async def start(request: Request) -> JSONResponse:
-        table.start(request.path_params["id"])
+        table.start(id_of(request))
         return ok()
 
     async def stop(request: Request) -> JSONResponse:
-        await table.stop(request.path_params["id"])
+        await table.stop(id_of(request))
         return ok()
 
     async def remove(request: Request) -> JSONResponse:
-        table.remove(request.path_params["id"])
+        table.remove(id_of(request))
         return ok()
 
     async def list_(request: Request) -> JSONResponse:
         return ok([info.to_json() for info in table.list()])
 
     async def info(request: Request) -> JSONResponse:
-        found = table.info(request.path_params["id"])
+        found = table.info(id_of(request))
         return ok(found.to_json() if found else None)
 
     async def ping(request: Request) -> JSONResponse:
@@ -124,11 +138,11 @@ def build_app(table: ProcessTable, request_exit: Callable[[], None]) -> Starlett
     return Starlette(
         routes=[
             Route("/deploy", deploy, methods=["POST"]),
-            Route("/start/{id:path}", start, methods=["POST"]),
-            Route("/stop/{id:path}", stop, methods=["POST"]),
-            Route("/remove/{id:path}", remove, methods=["DELETE"]),
+            Route("/start/{id:any_id}", start, methods=["POST"]),
+            Route("/stop/{id:any_id}", stop, methods=["POST"]),
+            Route("/remove/{id:any_id}", remove, methods=["DELETE"]),
             Route("/list", list_, methods=["GET"]),
-            Route("/info/{id:path}", info, methods=["GET"]),
+            Route("/info/{id:any_id}", info, methods=["GET"]),
             Route("/ping", ping, methods=["GET"]),
             Route("/clear", clear, methods=["POST"]),
             Route("/shutdown", shutdown, methods=["POST"]),

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from vmm.names import VM_ID, check_name
+
 Status = Literal["running", "stopped", "exited", "error"]
 STATUSES: tuple[Status, ...] = ("running", "stopped", "exited", "error")
 
@@ -117,7 +119,8 @@ class ProcessConfig:
         if cid is not None and not 0 <= cid <= _MAX_CID:
             raise ValueError(f"field `{where}cid` must be between 0 and {_MAX_CID}")
         return cls(
-            id=_str(obj, "id", where),
+            # Only VMs are supervised; an id outside the VM id rule never reaches a URL.
+            id=check_name(_str(obj, "id", where), f"{where}id", VM_ID),
             name=_str(obj, "name", where),
             command=_str(obj, "command", where),
             args=cast(list[str], list(args)),
