@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -11,6 +11,9 @@ import pytest
 from tests.conftest import populate_images
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.short_dirs import short_dir
+from vmm.exceptions import InvalidField
+from vmm.rpc import vmm_rpc_pb2 as pb
+from vmm.vm_request import check_networks
 
 COMPOSE = json.dumps({"manifest_version": 2, "name": "demo", "runner": "docker-compose"})
 GOOD: dict[str, Any] = {
@@ -82,6 +85,10 @@ BAD_FIELDS: list[tuple[dict[str, Any], int, str]] = [
     ({"networks": [{"mode": "user", "bridge_name": "br0"}]}, 400, "networks[0].bridge_name"),
     ({"networks": [{"mode": "bridge", "bridge_name": "nonexistent-br"}]}, 400,
      "no bridge 'nonexistent-br'"),
+    ({"networks": [{"mode": "bridge", "bridge_name": "../../../etc"}]}, 400,
+     "`networks[0].bridge_name`: '../../../etc' contains a path separator"),
+    ({"networks": [{"mode": "bridge", "bridge_name": ".."}]}, 400, "networks[0].bridge_name"),
+    ({"networks": [{"mode": "bridge", "bridge_name": "lo"}]}, 400, "no bridge 'lo' on this host"),
     ({"simulated_tee": "dstack-tdx"}, 400, "`simulated_tee`"),
     ({"stopped": "yes"}, 400, "`stopped`: expected true or false"),
     ({"user_config": 5}, 400, "`user_config`: expected a string"),
@@ -180,3 +187,35 @@ def test_status_filters_pages_and_brief(daemon: DaemonProcess) -> None:
     assert [vm["name"] for vm in page3["vms"]] == ["page-4"]
     assert {vm["id"] for vm in by_id["vms"]} == set(ids[1:3])
     assert by_id["port_mapping_enabled"] is True
+
+
+# -- the checks as pure functions ------------------------------------------------------------
+
+
+def refusal(call: Callable[[], object]) -> InvalidField:
+    with pytest.raises(InvalidField) as caught:
+        call()
+    return caught.value
+
+
+@pytest.mark.parametrize("name", ["../../../etc", "..", ".", "a/b", "x" * 16, "br 0", "br:0", ""])
+def test_check_networks_refuses_bad_bridge_names_before_looking(name: str) -> None:
+    """A bridge name that is not an interface name is refused by the name rule, not by probing."""
+    request = pb.VmConfiguration(networks=[pb.NetworkingConfig(mode="bridge", bridge_name=name)])
+    if not name:  # empty means the configured bridge
+        assert check_networks(request)[0].bridge == ""
+        return
+    error = refusal(lambda: check_networks(request))
+    assert error.field == "networks[0].bridge_name"
+    assert "no bridge" not in error.reason and "/sys" not in error.reason
+
+
+def test_missing_and_non_bridge_interfaces_get_the_same_answer() -> None:
+    """'lo' (an interface, not a bridge) and an unknown name give the same message shape."""
+    def reason(name: str) -> str:
+        request = pb.VmConfiguration(
+            networks=[pb.NetworkingConfig(mode="bridge", bridge_name=name)])
+        return refusal(lambda: check_networks(request)).reason
+
+    assert reason("lo") == "no bridge 'lo' on this host"
+    assert reason("nosuchbr0") == "no bridge 'nosuchbr0' on this host"

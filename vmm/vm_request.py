@@ -17,6 +17,7 @@ from vmm.config import Config
 from vmm.exceptions import InvalidField, NotFound
 from vmm.images import Image, ImageError, load_image
 from vmm.manifest import GpuAttachment, GpuSpec, Manifest, Network, PortMap
+from vmm.names import IFNAME, check_name
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.workdir import SharedFiles
 
@@ -139,10 +140,19 @@ def check_networks(request: pb.VmConfiguration) -> tuple[Network, ...]:
             raise InvalidField(f"{where}.mode", f"must be user or bridge, got {entry.mode!r}")
         if entry.bridge_name and entry.mode != "bridge":
             raise InvalidField(f"{where}.bridge_name", "is only allowed with mode bridge")
-        if entry.bridge_name and not Path("/sys/class/net", entry.bridge_name).is_dir():
-            raise InvalidField(f"{where}.bridge_name", f"no bridge {entry.bridge_name!r} on host")
+        if entry.bridge_name:
+            # The name rule first: the name is then one interface name, never a path to probe.
+            bridge = check_name(entry.bridge_name, f"{where}.bridge_name", IFNAME)
+            if not is_bridge(bridge):
+                raise InvalidField(f"{where}.bridge_name", f"no bridge {bridge!r} on this host")
         result.append(Network(mode=entry.mode, bridge=entry.bridge_name))  # type: ignore[arg-type]
     return tuple(result)
+
+
+def is_bridge(ifname: str) -> bool:
+    """Whether ``ifname`` (already a checked interface name) is a bridge on this host."""
+    # A missing interface and one that is not a bridge get the same answer.
+    return Path("/sys/class/net", ifname, "bridge").is_dir()
 
 
 def build_vm(config: Config, request: pb.VmConfiguration) -> tuple[Manifest, SharedFiles, Image]:
