@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import populate_images
 from tests.support.daemon_proc import DaemonProcess, start_daemon
+from tests.support.root_disk_image import ROOTED_IMAGE, make_root_disk_image
 from tests.support.short_dirs import short_dir
 from vmm.exceptions import InvalidField
+from vmm.images import load_image
 from vmm.rpc import vmm_rpc_pb2 as pb
-from vmm.vm_request import check_networks
+from vmm.vm_request import check_disk_fits_image, check_networks
 
 COMPOSE = json.dumps({"manifest_version": 2, "name": "demo", "runner": "docker-compose"})
 GOOD: dict[str, Any] = {
@@ -26,6 +29,7 @@ GOOD: dict[str, Any] = {
 def daemon() -> Iterator[DaemonProcess]:
     with short_dir("vmmr") as workdir:
         populate_images(workdir / "state" / "images")
+        make_root_disk_image(workdir / "state" / "images")  # a 1.5 GiB root disk
         proc = start_daemon(workdir, extra_config=(
             '[cvm]\naccel = "tcg"\nmax_allocable_vcpu = 8\nmax_allocable_memory_in_mb = 8192\n'
             "max_disk_size_gb = 100\n"
@@ -89,6 +93,8 @@ BAD_FIELDS: list[tuple[dict[str, Any], int, str]] = [
      "`networks[0].bridge_name`: '../../../etc' contains a path separator"),
     ({"networks": [{"mode": "bridge", "bridge_name": ".."}]}, 400, "networks[0].bridge_name"),
     ({"networks": [{"mode": "bridge", "bridge_name": "lo"}]}, 400, "no bridge 'lo' on this host"),
+    ({"image": ROOTED_IMAGE, "disk_size": 1}, 400,
+     f"`disk_size`: must be at least 2 GiB for image '{ROOTED_IMAGE}'"),
     ({"simulated_tee": "dstack-tdx"}, 400, "`simulated_tee`"),
     ({"stopped": "yes"}, 400, "`stopped`: expected true or false"),
     ({"user_config": 5}, 400, "`user_config`: expected a string"),
@@ -189,6 +195,14 @@ def test_status_filters_pages_and_brief(daemon: DaemonProcess) -> None:
     assert by_id["port_mapping_enabled"] is True
 
 
+def test_disk_size_at_the_image_root_minimum_is_accepted(daemon: DaemonProcess) -> None:
+    """A disk of the image's root size rounded up to whole GiB is enough for CreateVm."""
+    with daemon.client() as client:
+        response = client.post("/prpc/CreateVm?json", json=GOOD | {
+            "name": "rooted", "image": ROOTED_IMAGE, "disk_size": 2})
+    assert response.status_code == 200, response.text
+
+
 # -- the checks as pure functions ------------------------------------------------------------
 
 
@@ -219,3 +233,26 @@ def test_missing_and_non_bridge_interfaces_get_the_same_answer() -> None:
 
     assert reason("lo") == "no bridge 'lo' on this host"
     assert reason("nosuchbr0") == "no bridge 'nosuchbr0' on this host"
+
+
+def test_disk_size_must_hold_the_image_root_disk(tmp_path: Path) -> None:
+    """The minimum disk_size is the image hda's virtual size in GiB, rounded up."""
+    make_root_disk_image(tmp_path, "r1", size_mib=1024)
+    make_root_disk_image(tmp_path, "r2", size_mib=1025)
+    exact, over = load_image(tmp_path, "r1"), load_image(tmp_path, "r2")
+    check_disk_fits_image(exact, 1)
+    check_disk_fits_image(over, 2)
+    error = refusal(lambda: check_disk_fits_image(over, 1))
+    assert error.field == "disk_size"
+    assert error.reason.startswith("must be at least 2 GiB for image 'r2'")
+    error = refusal(lambda: check_disk_fits_image(over, 1, field="resize.disk_size"))
+    assert error.field == "resize.disk_size"
+
+
+def test_disk_check_refuses_an_hda_that_is_not_qcow2(tmp_path: Path) -> None:
+    """hda.img is created with backing_fmt=qcow2, so a raw hda is refused naming the image."""
+    make_root_disk_image(tmp_path, "raw", size_mib=1)
+    (tmp_path / "raw" / "rootfs.qcow2").write_bytes(b"\0" * 4096)
+    error = refusal(lambda: check_disk_fits_image(load_image(tmp_path, "raw"), 10))
+    assert error.field == "image"
+    assert "not a qcow2 image" in error.reason

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 from guest_agent import BOOT_MARKER
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.guest_image import ensure_guest_image
+from tests.support.root_disk_image import ROOTED_IMAGE, make_root_disk_image
 from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import (
     FAKE_IMAGE,
@@ -30,8 +32,11 @@ from tests.support.vm_ops import (
     vm_info,
     wait_for,
 )
+from vmm.config import Config, ImageConfig, PortMappingConfig, PortRange
+from vmm.exceptions import InvalidField
 from vmm.manifest import Manifest, PortMap
-from vmm.vm_update import JOURNAL, finish_pending, write_update
+from vmm.vm import Vm
+from vmm.vm_update import JOURNAL, UpdateRequest, finish_pending, plan, write_update
 from vmm.workdir import SharedFiles, Workdir, create_workdir
 
 
@@ -219,6 +224,48 @@ def test_update_journal_rolls_forward(tmp_path: Path) -> None:
     (wd.path / JOURNAL).write_text("{torn")
     assert finish_pending(Workdir(wd.path)) is False
     assert wd.read_manifest().vcpu == 3
+
+
+# -- plan() as a pure function ----------------------------------------------------------------
+
+
+def plan_config(images: Path, *, mapping: bool) -> Config:
+    config = replace(Config(), image=ImageConfig(path=str(images)))
+    ports = PortMappingConfig(enabled=mapping, range=(PortRange("tcp", 40000, 41000),))
+    return replace(config, cvm=replace(config.cvm, port_mapping=ports, max_disk_size_gb=100))
+
+
+def stopped(tmp_path: Path, image: str, disk_size: int) -> Vm:
+    manifest = Manifest(id="vm-1", name="a", app_id="ab" * 20, image=image, vcpu=1, memory=64,
+                        disk_size=disk_size, created_at_ms=1)
+    return Vm(workdir=Workdir(tmp_path / "vm-1"), manifest=manifest,
+              shared=SharedFiles(compose="{}"), started=False, cid=3)
+
+
+def refused(config: Config, vm: Vm, req: UpdateRequest) -> InvalidField:
+    with pytest.raises(InvalidField) as caught:
+        plan(config, vm, req)
+    return caught.value
+
+
+def test_plan_refuses_a_disk_below_the_image_root(tmp_path: Path) -> None:
+    """Growing the disk or changing the image needs disk_size >= the image's root disk."""
+    images = tmp_path / "images"
+    make_root_disk_image(images, ROOTED_IMAGE, size_mib=2560)  # needs 3 GiB
+    make_root_disk_image(images, "small-0.5.0", size_mib=512)
+    config = plan_config(images, mapping=False)
+    legacy = stopped(tmp_path, ROOTED_IMAGE, 1)  # created before the check existed
+    assert plan(config, legacy, UpdateRequest(id=legacy.id, vcpu=2)).resized == ("vcpu 1 -> 2",)
+    error = refused(config, legacy, UpdateRequest(id=legacy.id, disk_size=2))
+    assert error.field == "disk_size"
+    assert error.reason.startswith(f"must be at least 3 GiB for image '{ROOTED_IMAGE}', whose root")
+    assert plan(config, legacy, UpdateRequest(id=legacy.id, disk_size=3)).grow_disk
+    small = stopped(tmp_path, "small-0.5.0", 1)
+    error = refused(config, small, UpdateRequest(id=small.id, image=ROOTED_IMAGE))
+    assert error.field == "disk_size" and "at least 3 GiB" in error.reason
+    assert plan(config, small, UpdateRequest(id=small.id, image=ROOTED_IMAGE, disk_size=3)).resized
+    gone = stopped(tmp_path, "deleted-0.5.0", 1)  # its image is gone: StartVm reports that
+    assert plan(config, gone, UpdateRequest(id=gone.id, disk_size=2)).grow_disk
 
 
 # -- real QEMU, development image -------------------------------------------------------------

@@ -15,13 +15,14 @@ from pathlib import Path
 from vmm import compose
 from vmm.config import Config
 from vmm.exceptions import InvalidField, NotFound
-from vmm.images import Image, ImageError, load_image
+from vmm.images import Image, ImageError, load_image, root_disk_size
 from vmm.manifest import GpuAttachment, GpuSpec, Manifest, Network, PortMap
 from vmm.names import IFNAME, check_name
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.workdir import SharedFiles
 
 MAX_USER_CONFIG = 1024 * 1024
+GIB = 1024**3
 
 
 def check_resources(config: Config, vcpu: int, memory: int, disk_size: int, prefix: str = "") -> None:
@@ -155,12 +156,34 @@ def is_bridge(ifname: str) -> bool:
     return Path("/sys/class/net", ifname, "bridge").is_dir()
 
 
+def check_disk_fits_image(image: Image, disk_size: int, field: str = "disk_size") -> None:
+    """Refuse a disk smaller than the image's root disk: the guest could not mount its root.
+
+    The VM's hda.img is a qcow2 overlay on the image's hda, so ``disk_size`` GiB is what the
+    guest sees; below the root disk's size the filesystem is cut short.
+    """
+    try:
+        root = root_disk_size(image)
+    except ImageError as exc:
+        raise InvalidField("image", exc.message) from None
+    if root is None:
+        return
+    minimum = -(-root // GIB)
+    if disk_size < minimum:
+        raise InvalidField(
+            field,
+            f"must be at least {minimum} GiB for image {image.name!r}, whose root disk is "
+            f"{root / GIB:.2f} GiB; got {disk_size}",
+        )
+
+
 def build_vm(config: Config, request: pb.VmConfiguration) -> tuple[Manifest, SharedFiles, Image]:
     """Validate a CreateVm request; return the manifest, shared files and image to use."""
     compose.validate_name(request.name)
     image = find_image(config, request.image)
     compose.parse_compose(request.compose_file)
     check_resources(config, request.vcpu, request.memory, request.disk_size)
+    check_disk_fits_image(image, request.disk_size)
     ports = check_ports(config, request.ports)
     if request.HasField("simulated_tee") and request.simulated_tee:
         raise InvalidField("simulated_tee", "no TEE simulator is configured on this host")

@@ -13,7 +13,8 @@ Nothing restarts here. What can change:
   a running QEMU keeps its size. A field equal to the current value is not a change, so a client
   that always sends the current size can still update a running VM's compose. The disk only
   grows; growing runs ``qemu-img resize`` on ``hda.img`` when the disk exists (a VM that never
-  booted gets the new size when the disk is created).
+  booted gets the new size when the disk is created). A new size or image must hold the image's
+  root disk, as at CreateVm.
 
 UpdateVm returns ``sha256(compose)[:40]``, the app id a fresh CreateVm of that compose would get,
 when the compose changed, else "". As in dstack, the VM's own ``app_id`` is NOT changed: it is
@@ -40,6 +41,7 @@ from vmm.manifest import GpuAttachment, Manifest, ManifestError, Network, PortMa
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vm_request import (
     MAX_USER_CONFIG,
+    check_disk_fits_image,
     check_gpus,
     check_networks,
     check_ports,
@@ -193,9 +195,18 @@ def plan(config: Config, vm: Vm, req: UpdateRequest) -> Plan:
             resized.append(f"{name} {before}{unit} -> {after}{unit}")
     image_version = None
     if req.image is not None and req.image != old.image:
-        image_version = find_image(config, req.image).version
+        image = find_image(config, req.image)
+        check_disk_fits_image(image, disk)
+        image_version = image.version
         fields["image"] = req.image
         resized.append(f"image {old.image} -> {req.image}")
+    elif disk != old.disk_size:
+        try:
+            current = find_image(config, old.image)
+        except InvalidField:
+            current = None  # the image is gone; StartVm reports that, a resize need not
+        if current is not None:
+            check_disk_fits_image(current, disk)
 
     return Plan(
         manifest=old.evolve(**fields) if fields else old,
