@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,11 @@ from tests.conftest import populate_images
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.root_disk_image import ROOTED_IMAGE, make_root_disk_image
 from tests.support.short_dirs import short_dir
+from vmm.config import Config, PortMappingConfig, PortRange
 from vmm.exceptions import InvalidField
 from vmm.images import load_image
 from vmm.rpc import vmm_rpc_pb2 as pb
-from vmm.vm_request import check_disk_fits_image, check_networks
+from vmm.vm_request import check_disk_fits_image, check_networks, check_ports
 
 COMPOSE = json.dumps({"manifest_version": 2, "name": "demo", "runner": "docker-compose"})
 GOOD: dict[str, Any] = {
@@ -79,6 +81,14 @@ BAD_FIELDS: list[tuple[dict[str, Any], int, str]] = [
                 {"protocol": "tcp", "host_port": 2001, "vm_port": 2}]}, 400,
      "`ports[1]`: duplicates ports[0]"),
     ({"ports": {"host_port": 1}}, 400, "`ports`: expected an array"),
+    ({"ports": [{"protocol": "tcp", "host_port": 2001, "vm_port": 1,
+                 "host_address": "::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:touch X"}]}, 400,
+     "`ports[0].host_address`: '::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:touch X' is not an IPv4"),
+    ({"ports": [{"protocol": "tcp", "host_port": 2001, "vm_port": 1, "host_address": "::1"}]},
+     400, "`ports[0].host_address`: '::1' is not an IPv4"),
+    ({"ports": [{"protocol": "tcp", "host_port": 2001, "vm_port": 1,
+                 "host_address": "127.0.0.1,guestfwd=tcp:10.0.2.100:1-cmd:id"}]}, 400,
+     "`ports[0].host_address`"),
     ({"encrypted_env": "xyzw"}, 400, "`encrypted_env`: not a hex string"),
     ({"app_id": "not hex!"}, 400, "`app_id`"),
     ({"gpus": {"attach_mode": "all"}}, 400, "GPU passthrough is not enabled"),
@@ -256,3 +266,53 @@ def test_disk_check_refuses_an_hda_that_is_not_qcow2(tmp_path: Path) -> None:
     error = refusal(lambda: check_disk_fits_image(load_image(tmp_path, "raw"), 10))
     assert error.field == "image"
     assert "not a qcow2 image" in error.reason
+
+
+def mapping_config(enabled: bool = True, address: str = "127.0.0.1") -> Config:
+    config = Config()
+    ranges = (PortRange("tcp", 2000, 3000),)
+    mapping = PortMappingConfig(enabled=enabled, address=address, range=ranges)
+    return replace(config, cvm=replace(config.cvm, port_mapping=mapping))
+
+
+def test_check_ports_accepts_ipv4_and_fills_the_default_address() -> None:
+    """Plain IPv4 literals are kept; an empty host_address takes cvm.port_mapping.address."""
+    ports = [pb.PortMapping(protocol="tcp", host_port=2001, vm_port=80, host_address="0.0.0.0"),
+             pb.PortMapping(protocol="tcp", host_port=2002, vm_port=81)]
+    result = check_ports(mapping_config(), ports)
+    assert [(p.address, p.host_port) for p in result] == [("0.0.0.0", 2001), ("127.0.0.1", 2002)]
+
+
+@pytest.mark.parametrize("address", [
+    "::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:touch X", "::1", "fe80::1%eth0",
+    "127.0.0.1,guestfwd=tcp:10.0.2.100:1-cmd:id", "127.0.0.1\n", " 127.0.0.1", "127.1",
+    "localhost", "127.000.0.1",
+])
+def test_check_ports_refuses_anything_but_an_ipv4_literal(address: str) -> None:
+    """host_address is a plain IPv4 literal: IPv6 (scope ids carry any text), names, option text."""
+    port = pb.PortMapping(protocol="tcp", host_port=2001, vm_port=80, host_address=address)
+    error = refusal(lambda: check_ports(mapping_config(), [port]))
+    assert error.field == "ports[0].host_address"
+    assert "is not an IPv4 address" in error.reason
+
+
+def test_check_ports_refuses_a_non_ipv4_configured_default() -> None:
+    """An empty host_address with an IPv6 cvm.port_mapping.address is refused, naming the key."""
+    port = pb.PortMapping(protocol="tcp", host_port=2001, vm_port=80)
+    error = refusal(lambda: check_ports(mapping_config(address="::1"), [port]))
+    assert error.field == "ports[0].host_address"
+    assert "cvm.port_mapping.address" in error.reason
+
+
+def test_check_ports_policy_and_explicit_address_rule() -> None:
+    """Disabled mapping and out-of-range ports are refused; require_address refuses empty ones."""
+    port = pb.PortMapping(protocol="tcp", host_port=2001, vm_port=80, host_address="127.0.0.1")
+    assert check_ports(mapping_config(enabled=False), []) == ()
+    error = refusal(lambda: check_ports(mapping_config(enabled=False), [port]))
+    assert (error.field, error.reason) == ("ports", "port mapping is disabled "
+                                                    "(cvm.port_mapping.enabled)")
+    far = pb.PortMapping(protocol="tcp", host_port=4000, vm_port=80, host_address="127.0.0.1")
+    assert refusal(lambda: check_ports(mapping_config(), [far])).field == "ports[0].host_port"
+    empty = pb.PortMapping(protocol="tcp", host_port=2001, vm_port=80)
+    error = refusal(lambda: check_ports(mapping_config(), [port, empty], require_address=True))
+    assert (error.field, error.reason) == ("ports[1].host_address", "Invalid host address: empty")

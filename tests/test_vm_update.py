@@ -35,6 +35,7 @@ from tests.support.vm_ops import (
 from vmm.config import Config, ImageConfig, PortMappingConfig, PortRange
 from vmm.exceptions import InvalidField
 from vmm.manifest import Manifest, PortMap
+from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vm import Vm
 from vmm.vm_update import JOURNAL, UpdateRequest, finish_pending, plan, write_update
 from vmm.workdir import SharedFiles, Workdir, create_workdir
@@ -42,12 +43,14 @@ from vmm.workdir import SharedFiles, Workdir, create_workdir
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    """Placeholder images, port mapping disabled (UpdateVm must not apply that policy)."""
+    """Placeholder images, port mapping on for tcp 40000-41000 (UpdateVm applies that policy)."""
     with short_dir("vmmu") as workdir:
         prepare_images(workdir)
         proc = start_daemon(workdir, extra_config=(
             '[cvm]\naccel = "tcg"\nmax_allocable_vcpu = 8\nmax_allocable_memory_in_mb = 8192\n'
             "max_disk_size_gb = 100\n"
+            '[cvm.port_mapping]\nenabled = true\n'
+            'range = [{protocol = "tcp", from = 40000, to = 41000}]\n'
         ))
         try:
             yield proc
@@ -116,8 +119,8 @@ def test_update_env_and_user_config_only_when_non_empty(daemon: DaemonProcess) -
         assert ("vmm.updated", "encrypted_env, user_config") in events(info)
 
 
-def test_update_ports_replace_without_policy_but_with_conflicts(daemon: DaemonProcess) -> None:
-    """Ports are replaced even with port mapping disabled; clashes and empty addresses are refused."""
+def test_update_ports_replace_with_policy_and_conflicts(daemon: DaemonProcess) -> None:
+    """Ports are replaced under CreateVm's policy; clashes, bad and empty addresses are refused."""
     with daemon.client() as client:
         first, second = stopped_vm(client), stopped_vm(client)
         port = {"protocol": "tcp", "host_port": 40123, "vm_port": 80, "host_address": "127.0.0.1"}
@@ -133,6 +136,14 @@ def test_update_ports_replace_without_policy_but_with_conflicts(daemon: DaemonPr
             "ports": [port | {"host_port": 40124}, port | {"host_port": 40125, "host_address": ""}],
         }), 400)
         assert "`ports[1].host_address`" in message and "Invalid host address" in message
+        message = error_of(call(client, "UpdateVm", {
+            "id": second, "update_ports": True, "ports": [port | {"host_port": 2000}]}), 400)
+        assert "`ports[0].host_port`" in message and "not allowed for tcp:2000" in message
+        message = error_of(call(client, "UpdateVm", {
+            "id": second, "update_ports": True,
+            "ports": [port | {"host_address": "::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:touch X"}],
+        }), 400)
+        assert "`ports[0].host_address`" in message and "is not an IPv4 address" in message
         assert manifest(daemon, second)["port_map"] == []
         # An empty list clears the mappings; the freed port can then be taken by another VM.
         rpc(client, "UpdateVm", {"id": first, "update_ports": True, "ports": []})
@@ -246,6 +257,27 @@ def refused(config: Config, vm: Vm, req: UpdateRequest) -> InvalidField:
     with pytest.raises(InvalidField) as caught:
         plan(config, vm, req)
     return caught.value
+
+
+def test_plan_applies_the_port_policy_of_create_vm(tmp_path: Path) -> None:
+    """update_ports: disabled mapping, out-of-range ports and non-IPv4 addresses are refused."""
+    vm = stopped(tmp_path, FAKE_IMAGE, 1)
+    good = pb.PortMapping(protocol="tcp", host_port=40001, vm_port=80, host_address="127.0.0.1")
+    enabled, disabled = plan_config(tmp_path, mapping=True), plan_config(tmp_path, mapping=False)
+    assert plan(enabled, vm, UpdateRequest(id=vm.id, ports=(good,))).manifest.port_map == (
+        PortMap("tcp", 40001, 80, "127.0.0.1"),)
+    error = refused(disabled, vm, UpdateRequest(id=vm.id, ports=(good,)))
+    assert (error.field, error.reason) == ("ports", "port mapping is disabled "
+                                                    "(cvm.port_mapping.enabled)")
+    assert plan(disabled, vm, UpdateRequest(id=vm.id, ports=())).changed == ()
+    far = pb.PortMapping(protocol="tcp", host_port=80, vm_port=80, host_address="127.0.0.1")
+    assert refused(enabled, vm, UpdateRequest(id=vm.id, ports=(far,))).field == \
+        "ports[0].host_port"
+    evil = pb.PortMapping(protocol="tcp", host_port=40001, vm_port=80,
+                          host_address="::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:touch X")
+    for config in (enabled, disabled):
+        assert refused(config, vm, UpdateRequest(id=vm.id, ports=(evil,))).field == \
+            "ports[0].host_address"
 
 
 def test_plan_refuses_a_disk_below_the_image_root(tmp_path: Path) -> None:

@@ -52,22 +52,29 @@ def find_image(config: Config, name: str, field: str = "image") -> Image:
 
 
 def check_ports(
-    config: Config, ports: Iterable[pb.PortMapping], *, enforce_policy: bool = True
+    config: Config, ports: Iterable[pb.PortMapping], *, require_address: bool = False
 ) -> tuple[PortMap, ...]:
-    """Validate mappings; policy (enabled, ranges) applies to CreateVm, not to UpdateVm."""
+    """Validate mappings and apply the host's policy (enabled, ranges), for CreateVm and UpdateVm.
+
+    ``require_address`` keeps dstack's UpdateVm rule that every entry names its host address;
+    otherwise an empty one means ``cvm.port_mapping.address``. An empty list is always allowed.
+    """
     mapping = config.cvm.port_mapping
     result: list[PortMap] = []
     for i, port in enumerate(ports):
         where = f"ports[{i}]"
-        if enforce_policy and not mapping.enabled:
-            raise InvalidField("ports", "port mapping is disabled (cvm.port_mapping.enabled)")
         protocol = port.protocol or "tcp"
         if protocol not in ("tcp", "udp"):
             raise InvalidField(f"{where}.protocol", f"must be tcp or udp, got {port.protocol!r}")
         for name, value in (("host_port", port.host_port), ("vm_port", port.vm_port)):
             if not 1 <= value <= 65535:
                 raise InvalidField(f"{where}.{name}", f"must be 1..65535, got {value}")
-        if enforce_policy and not any(
+        if require_address and not port.host_address:
+            raise InvalidField(f"{where}.host_address", "Invalid host address: empty")
+        address = check_host_address(port.host_address, mapping.address, f"{where}.host_address")
+        if not mapping.enabled:
+            raise InvalidField("ports", "port mapping is disabled (cvm.port_mapping.enabled)")
+        if not any(
             r.protocol == protocol and r.from_port <= port.host_port <= r.to_port
             for r in mapping.range
         ):
@@ -76,17 +83,31 @@ def check_ports(
                 f"{where}.host_port",
                 f"port mapping is not allowed for {protocol}:{port.host_port} (allowed: {allowed})",
             )
-        address = port.host_address or mapping.address
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise InvalidField(f"{where}.host_address", f"{address!r} is not an IP address") from None
         candidate = PortMap(protocol, port.host_port, port.vm_port, address)  # type: ignore[arg-type]
         for j, other in enumerate(result):
             if ports_clash(candidate, other):
                 raise InvalidField(where, f"duplicates ports[{j}] ({describe_port(other)})")
         result.append(candidate)
     return tuple(result)
+
+
+def check_host_address(address: str, default: str, field: str) -> str:
+    """``address`` (or ``default`` when empty) if it is a plain IPv4 literal; else InvalidField.
+
+    The address lands inside QEMU's ``-netdev user,...`` option list. IPv6 is refused outright:
+    QEMU 7.2 cannot forward it, and an IPv6 scope id may hold any text, commas included, so
+    ``::1%x,guestfwd=...-cmd:...`` would add an option that runs a host command.
+    """
+    chosen = address or default
+    try:
+        ipaddress.IPv4Address(chosen)
+    except ValueError:
+        shown = repr(chosen[:80]) + ("..." if len(chosen) > 80 else "")
+        source = "" if address else " (the default, cvm.port_mapping.address)"
+        raise InvalidField(
+            field, f"{shown}{source} is not an IPv4 address (only IPv4 can be forwarded)"
+        ) from None
+    return chosen
 
 
 def ports_clash(a: PortMap, b: PortMap) -> bool:

@@ -3,9 +3,10 @@
 Nothing restarts here. What can change:
 
 - ``compose_file`` (must parse), ``encrypted_env`` and ``user_config``: replaced when non-empty;
-- ``ports`` (``update_ports``): replaced, with the conflict checks against other VMs but without
-  the CreateVm policy (``port_mapping.enabled``/``range``), as in dstack; every entry needs an
-  explicit ``host_address``;
+- ``ports`` (``update_ports``): replaced, with the conflict checks against other VMs and the same
+  validation and policy as CreateVm (IPv4 ``host_address``, ``port_mapping.enabled``/``range``).
+  dstack skips the policy here, which let UpdateVm add what CreateVm refuses; an empty list
+  (clearing the mappings) is always allowed. Every entry needs an explicit ``host_address``;
 - ``kms_urls`` / ``gateway_urls`` (``update_*``): replaced; an empty list means the node default;
 - ``networks`` (``update_networking``): replaced; empty means the node default;
 - ``gpus`` and ``no_tee`` when present;
@@ -160,10 +161,7 @@ def plan(config: Config, vm: Vm, req: UpdateRequest) -> Plan:
         changed.append("user_config")
 
     if req.ports is not None:
-        for i, port in enumerate(req.ports):
-            if not port.host_address:
-                raise InvalidField(f"ports[{i}].host_address", "Invalid host address: empty")
-        ports: tuple[PortMap, ...] = check_ports(config, req.ports, enforce_policy=False)
+        ports: tuple[PortMap, ...] = check_ports(config, req.ports, require_address=True)
         _set(fields, changed, old, "port_map", ports, label="ports")
     if req.kms_urls is not None:
         _set(fields, changed, old, "kms_urls", check_urls("kms_urls", req.kms_urls))
