@@ -249,6 +249,35 @@ def test_ipv6_host_address_is_bracketed() -> None:
     assert "hostfwd=tcp:[fd00::2]:8080-:80" in netdevs(build_qemu_argv(spec, config))[0]
 
 
+@pytest.mark.parametrize(("mapping", "fragment"), [
+    (PortMap("tcp", 8080, 80, "::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:touch X"), "address"),
+    (PortMap("tcp", 8080, 80, "127.0.0.1,guestfwd=tcp:10.0.2.100:1-cmd:id"), "address"),
+    (PortMap("tcp", 8080, 80, "fe80::1%eth0"), "address"),
+    (PortMap("tcp", 8080, 80, "127.0.0.1\n"), "address"),
+    (PortMap("tcp", 8080, 80, "localhost"), "address"),
+    (PortMap("tcp,guestfwd=tcp:10.0.2.100:1-cmd:id", 8080, 80, "127.0.0.1"), "protocol"),  # type: ignore[arg-type]
+    (PortMap("tcp", -1, 80, "127.0.0.1"), "host port"),
+    (PortMap("tcp", 8080, 0, "127.0.0.1"), "VM port"),
+    (PortMap("tcp", 8080, 65536, "127.0.0.1"), "VM port"),
+    (PortMap("tcp", "8080,guestfwd=x", 80, "127.0.0.1"), "host port"),  # type: ignore[arg-type]
+    (PortMap("tcp", 8080, True, "127.0.0.1"), "VM port"),
+])
+def test_hostfwd_refuses_values_that_leave_their_option(mapping: PortMap, fragment: str) -> None:
+    """A hostfwd piece that is not a plain IP literal, tcp|udp or a port number is a ValueError."""
+    spec, config = dev_case()
+    spec = replace(spec, manifest=spec.manifest.evolve(port_map=(mapping,)))
+    with pytest.raises(ValueError, match=f"hostfwd {fragment}"):
+        build_qemu_argv(spec, config)
+
+
+def test_hostfwd_refuses_an_unsafe_configured_default_address() -> None:
+    """The default address fills an empty mapping address and is held to the same rule."""
+    spec, config = dev_case()
+    config = with_cvm(config, port_mapping=PortMappingConfig(address="::1%a,guestfwd=x"))
+    with pytest.raises(ValueError, match="hostfwd address"):
+        build_qemu_argv(spec, config)
+
+
 def test_non_verity_rootfs_is_refused() -> None:
     """An .iso (or any non-.verity) rootfs is a ValueError naming the image and file."""
     spec, config = dev_case()

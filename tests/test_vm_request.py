@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import populate_images
 from tests.support.daemon_proc import DaemonProcess, start_daemon
+from tests.support.root_disk_image import ROOTED_IMAGE, make_root_disk_image
 from tests.support.short_dirs import short_dir
+from vmm.config import Config, PortMappingConfig, PortRange
+from vmm.exceptions import InvalidField
+from vmm.images import load_image
+from vmm.rpc import vmm_rpc_pb2 as pb
+from vmm.vm_request import check_disk_fits_image, check_networks, check_ports
 
 COMPOSE = json.dumps({"manifest_version": 2, "name": "demo", "runner": "docker-compose"})
 GOOD: dict[str, Any] = {
@@ -23,6 +31,7 @@ GOOD: dict[str, Any] = {
 def daemon() -> Iterator[DaemonProcess]:
     with short_dir("vmmr") as workdir:
         populate_images(workdir / "state" / "images")
+        make_root_disk_image(workdir / "state" / "images")  # a 1.5 GiB root disk
         proc = start_daemon(workdir, extra_config=(
             '[cvm]\naccel = "tcg"\nmax_allocable_vcpu = 8\nmax_allocable_memory_in_mb = 8192\n'
             "max_disk_size_gb = 100\n"
@@ -72,6 +81,14 @@ BAD_FIELDS: list[tuple[dict[str, Any], int, str]] = [
                 {"protocol": "tcp", "host_port": 2001, "vm_port": 2}]}, 400,
      "`ports[1]`: duplicates ports[0]"),
     ({"ports": {"host_port": 1}}, 400, "`ports`: expected an array"),
+    ({"ports": [{"protocol": "tcp", "host_port": 2001, "vm_port": 1,
+                 "host_address": "::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:touch X"}]}, 400,
+     "`ports[0].host_address`: '::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:touch X' is not an IPv4"),
+    ({"ports": [{"protocol": "tcp", "host_port": 2001, "vm_port": 1, "host_address": "::1"}]},
+     400, "`ports[0].host_address`: '::1' is not an IPv4"),
+    ({"ports": [{"protocol": "tcp", "host_port": 2001, "vm_port": 1,
+                 "host_address": "127.0.0.1,guestfwd=tcp:10.0.2.100:1-cmd:id"}]}, 400,
+     "`ports[0].host_address`"),
     ({"encrypted_env": "xyzw"}, 400, "`encrypted_env`: not a hex string"),
     ({"app_id": "not hex!"}, 400, "`app_id`"),
     ({"gpus": {"attach_mode": "all"}}, 400, "GPU passthrough is not enabled"),
@@ -82,6 +99,12 @@ BAD_FIELDS: list[tuple[dict[str, Any], int, str]] = [
     ({"networks": [{"mode": "user", "bridge_name": "br0"}]}, 400, "networks[0].bridge_name"),
     ({"networks": [{"mode": "bridge", "bridge_name": "nonexistent-br"}]}, 400,
      "no bridge 'nonexistent-br'"),
+    ({"networks": [{"mode": "bridge", "bridge_name": "../../../etc"}]}, 400,
+     "`networks[0].bridge_name`: '../../../etc' contains a path separator"),
+    ({"networks": [{"mode": "bridge", "bridge_name": ".."}]}, 400, "networks[0].bridge_name"),
+    ({"networks": [{"mode": "bridge", "bridge_name": "lo"}]}, 400, "no bridge 'lo' on this host"),
+    ({"image": ROOTED_IMAGE, "disk_size": 1}, 400,
+     f"`disk_size`: must be at least 2 GiB for image '{ROOTED_IMAGE}'"),
     ({"simulated_tee": "dstack-tdx"}, 400, "`simulated_tee`"),
     ({"stopped": "yes"}, 400, "`stopped`: expected true or false"),
     ({"user_config": 5}, 400, "`user_config`: expected a string"),
@@ -180,3 +203,116 @@ def test_status_filters_pages_and_brief(daemon: DaemonProcess) -> None:
     assert [vm["name"] for vm in page3["vms"]] == ["page-4"]
     assert {vm["id"] for vm in by_id["vms"]} == set(ids[1:3])
     assert by_id["port_mapping_enabled"] is True
+
+
+def test_disk_size_at_the_image_root_minimum_is_accepted(daemon: DaemonProcess) -> None:
+    """A disk of the image's root size rounded up to whole GiB is enough for CreateVm."""
+    with daemon.client() as client:
+        response = client.post("/prpc/CreateVm?json", json=GOOD | {
+            "name": "rooted", "image": ROOTED_IMAGE, "disk_size": 2})
+    assert response.status_code == 200, response.text
+
+
+# -- the checks as pure functions ------------------------------------------------------------
+
+
+def refusal(call: Callable[[], object]) -> InvalidField:
+    with pytest.raises(InvalidField) as caught:
+        call()
+    return caught.value
+
+
+@pytest.mark.parametrize("name", ["../../../etc", "..", ".", "a/b", "x" * 16, "br 0", "br:0", ""])
+def test_check_networks_refuses_bad_bridge_names_before_looking(name: str) -> None:
+    """A bridge name that is not an interface name is refused by the name rule, not by probing."""
+    request = pb.VmConfiguration(networks=[pb.NetworkingConfig(mode="bridge", bridge_name=name)])
+    if not name:  # empty means the configured bridge
+        assert check_networks(request)[0].bridge == ""
+        return
+    error = refusal(lambda: check_networks(request))
+    assert error.field == "networks[0].bridge_name"
+    assert "no bridge" not in error.reason and "/sys" not in error.reason
+
+
+def test_missing_and_non_bridge_interfaces_get_the_same_answer() -> None:
+    """'lo' (an interface, not a bridge) and an unknown name give the same message shape."""
+    def reason(name: str) -> str:
+        request = pb.VmConfiguration(
+            networks=[pb.NetworkingConfig(mode="bridge", bridge_name=name)])
+        return refusal(lambda: check_networks(request)).reason
+
+    assert reason("lo") == "no bridge 'lo' on this host"
+    assert reason("nosuchbr0") == "no bridge 'nosuchbr0' on this host"
+
+
+def test_disk_size_must_hold_the_image_root_disk(tmp_path: Path) -> None:
+    """The minimum disk_size is the image hda's virtual size in GiB, rounded up."""
+    make_root_disk_image(tmp_path, "r1", size_mib=1024)
+    make_root_disk_image(tmp_path, "r2", size_mib=1025)
+    exact, over = load_image(tmp_path, "r1"), load_image(tmp_path, "r2")
+    check_disk_fits_image(exact, 1)
+    check_disk_fits_image(over, 2)
+    error = refusal(lambda: check_disk_fits_image(over, 1))
+    assert error.field == "disk_size"
+    assert error.reason.startswith("must be at least 2 GiB for image 'r2'")
+    error = refusal(lambda: check_disk_fits_image(over, 1, field="resize.disk_size"))
+    assert error.field == "resize.disk_size"
+
+
+def test_disk_check_refuses_an_hda_that_is_not_qcow2(tmp_path: Path) -> None:
+    """hda.img is created with backing_fmt=qcow2, so a raw hda is refused naming the image."""
+    make_root_disk_image(tmp_path, "raw", size_mib=1)
+    (tmp_path / "raw" / "rootfs.qcow2").write_bytes(b"\0" * 4096)
+    error = refusal(lambda: check_disk_fits_image(load_image(tmp_path, "raw"), 10))
+    assert error.field == "image"
+    assert "not a qcow2 image" in error.reason
+
+
+def mapping_config(enabled: bool = True, address: str = "127.0.0.1") -> Config:
+    config = Config()
+    ranges = (PortRange("tcp", 2000, 3000),)
+    mapping = PortMappingConfig(enabled=enabled, address=address, range=ranges)
+    return replace(config, cvm=replace(config.cvm, port_mapping=mapping))
+
+
+def test_check_ports_accepts_ipv4_and_fills_the_default_address() -> None:
+    """Plain IPv4 literals are kept; an empty host_address takes cvm.port_mapping.address."""
+    ports = [pb.PortMapping(protocol="tcp", host_port=2001, vm_port=80, host_address="0.0.0.0"),
+             pb.PortMapping(protocol="tcp", host_port=2002, vm_port=81)]
+    result = check_ports(mapping_config(), ports)
+    assert [(p.address, p.host_port) for p in result] == [("0.0.0.0", 2001), ("127.0.0.1", 2002)]
+
+
+@pytest.mark.parametrize("address", [
+    "::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:touch X", "::1", "fe80::1%eth0",
+    "127.0.0.1,guestfwd=tcp:10.0.2.100:1-cmd:id", "127.0.0.1\n", " 127.0.0.1", "127.1",
+    "localhost", "127.000.0.1",
+])
+def test_check_ports_refuses_anything_but_an_ipv4_literal(address: str) -> None:
+    """host_address is a plain IPv4 literal: IPv6 (scope ids carry any text), names, option text."""
+    port = pb.PortMapping(protocol="tcp", host_port=2001, vm_port=80, host_address=address)
+    error = refusal(lambda: check_ports(mapping_config(), [port]))
+    assert error.field == "ports[0].host_address"
+    assert "is not an IPv4 address" in error.reason
+
+
+def test_check_ports_refuses_a_non_ipv4_configured_default() -> None:
+    """An empty host_address with an IPv6 cvm.port_mapping.address is refused, naming the key."""
+    port = pb.PortMapping(protocol="tcp", host_port=2001, vm_port=80)
+    error = refusal(lambda: check_ports(mapping_config(address="::1"), [port]))
+    assert error.field == "ports[0].host_address"
+    assert "cvm.port_mapping.address" in error.reason
+
+
+def test_check_ports_policy_and_explicit_address_rule() -> None:
+    """Disabled mapping and out-of-range ports are refused; require_address refuses empty ones."""
+    port = pb.PortMapping(protocol="tcp", host_port=2001, vm_port=80, host_address="127.0.0.1")
+    assert check_ports(mapping_config(enabled=False), []) == ()
+    error = refusal(lambda: check_ports(mapping_config(enabled=False), [port]))
+    assert (error.field, error.reason) == ("ports", "port mapping is disabled "
+                                                    "(cvm.port_mapping.enabled)")
+    far = pb.PortMapping(protocol="tcp", host_port=4000, vm_port=80, host_address="127.0.0.1")
+    assert refusal(lambda: check_ports(mapping_config(), [far])).field == "ports[0].host_port"
+    empty = pb.PortMapping(protocol="tcp", host_port=2001, vm_port=80)
+    error = refusal(lambda: check_ports(mapping_config(), [port, empty], require_address=True))
+    assert (error.field, error.reason) == ("ports[1].host_address", "Invalid host address: empty")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 from guest_agent import BOOT_MARKER
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.guest_image import ensure_guest_image
+from tests.support.root_disk_image import ROOTED_IMAGE, make_root_disk_image
 from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import (
     FAKE_IMAGE,
@@ -30,19 +32,25 @@ from tests.support.vm_ops import (
     vm_info,
     wait_for,
 )
+from vmm.config import Config, ImageConfig, PortMappingConfig, PortRange
+from vmm.exceptions import InvalidField
 from vmm.manifest import Manifest, PortMap
-from vmm.vm_update import JOURNAL, finish_pending, write_update
+from vmm.rpc import vmm_rpc_pb2 as pb
+from vmm.vm import Vm
+from vmm.vm_update import JOURNAL, UpdateRequest, finish_pending, plan, write_update
 from vmm.workdir import SharedFiles, Workdir, create_workdir
 
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    """Placeholder images, port mapping disabled (UpdateVm must not apply that policy)."""
+    """Placeholder images, port mapping on for tcp 40000-41000 (UpdateVm applies that policy)."""
     with short_dir("vmmu") as workdir:
         prepare_images(workdir)
         proc = start_daemon(workdir, extra_config=(
             '[cvm]\naccel = "tcg"\nmax_allocable_vcpu = 8\nmax_allocable_memory_in_mb = 8192\n'
             "max_disk_size_gb = 100\n"
+            '[cvm.port_mapping]\nenabled = true\n'
+            'range = [{protocol = "tcp", from = 40000, to = 41000}]\n'
         ))
         try:
             yield proc
@@ -111,8 +119,8 @@ def test_update_env_and_user_config_only_when_non_empty(daemon: DaemonProcess) -
         assert ("vmm.updated", "encrypted_env, user_config") in events(info)
 
 
-def test_update_ports_replace_without_policy_but_with_conflicts(daemon: DaemonProcess) -> None:
-    """Ports are replaced even with port mapping disabled; clashes and empty addresses are refused."""
+def test_update_ports_replace_with_policy_and_conflicts(daemon: DaemonProcess) -> None:
+    """Ports are replaced under CreateVm's policy; clashes, bad and empty addresses are refused."""
     with daemon.client() as client:
         first, second = stopped_vm(client), stopped_vm(client)
         port = {"protocol": "tcp", "host_port": 40123, "vm_port": 80, "host_address": "127.0.0.1"}
@@ -128,6 +136,14 @@ def test_update_ports_replace_without_policy_but_with_conflicts(daemon: DaemonPr
             "ports": [port | {"host_port": 40124}, port | {"host_port": 40125, "host_address": ""}],
         }), 400)
         assert "`ports[1].host_address`" in message and "Invalid host address" in message
+        message = error_of(call(client, "UpdateVm", {
+            "id": second, "update_ports": True, "ports": [port | {"host_port": 2000}]}), 400)
+        assert "`ports[0].host_port`" in message and "not allowed for tcp:2000" in message
+        message = error_of(call(client, "UpdateVm", {
+            "id": second, "update_ports": True,
+            "ports": [port | {"host_address": "::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:touch X"}],
+        }), 400)
+        assert "`ports[0].host_address`" in message and "is not an IPv4 address" in message
         assert manifest(daemon, second)["port_map"] == []
         # An empty list clears the mappings; the freed port can then be taken by another VM.
         rpc(client, "UpdateVm", {"id": first, "update_ports": True, "ports": []})
@@ -219,6 +235,69 @@ def test_update_journal_rolls_forward(tmp_path: Path) -> None:
     (wd.path / JOURNAL).write_text("{torn")
     assert finish_pending(Workdir(wd.path)) is False
     assert wd.read_manifest().vcpu == 3
+
+
+# -- plan() as a pure function ----------------------------------------------------------------
+
+
+def plan_config(images: Path, *, mapping: bool) -> Config:
+    config = replace(Config(), image=ImageConfig(path=str(images)))
+    ports = PortMappingConfig(enabled=mapping, range=(PortRange("tcp", 40000, 41000),))
+    return replace(config, cvm=replace(config.cvm, port_mapping=ports, max_disk_size_gb=100))
+
+
+def stopped(tmp_path: Path, image: str, disk_size: int) -> Vm:
+    manifest = Manifest(id="vm-1", name="a", app_id="ab" * 20, image=image, vcpu=1, memory=64,
+                        disk_size=disk_size, created_at_ms=1)
+    return Vm(workdir=Workdir(tmp_path / "vm-1"), manifest=manifest,
+              shared=SharedFiles(compose="{}"), started=False, cid=3)
+
+
+def refused(config: Config, vm: Vm, req: UpdateRequest) -> InvalidField:
+    with pytest.raises(InvalidField) as caught:
+        plan(config, vm, req)
+    return caught.value
+
+
+def test_plan_applies_the_port_policy_of_create_vm(tmp_path: Path) -> None:
+    """update_ports: disabled mapping, out-of-range ports and non-IPv4 addresses are refused."""
+    vm = stopped(tmp_path, FAKE_IMAGE, 1)
+    good = pb.PortMapping(protocol="tcp", host_port=40001, vm_port=80, host_address="127.0.0.1")
+    enabled, disabled = plan_config(tmp_path, mapping=True), plan_config(tmp_path, mapping=False)
+    assert plan(enabled, vm, UpdateRequest(id=vm.id, ports=(good,))).manifest.port_map == (
+        PortMap("tcp", 40001, 80, "127.0.0.1"),)
+    error = refused(disabled, vm, UpdateRequest(id=vm.id, ports=(good,)))
+    assert (error.field, error.reason) == ("ports", "port mapping is disabled "
+                                                    "(cvm.port_mapping.enabled)")
+    assert plan(disabled, vm, UpdateRequest(id=vm.id, ports=())).changed == ()
+    far = pb.PortMapping(protocol="tcp", host_port=80, vm_port=80, host_address="127.0.0.1")
+    assert refused(enabled, vm, UpdateRequest(id=vm.id, ports=(far,))).field == \
+        "ports[0].host_port"
+    evil = pb.PortMapping(protocol="tcp", host_port=40001, vm_port=80,
+                          host_address="::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:touch X")
+    for config in (enabled, disabled):
+        assert refused(config, vm, UpdateRequest(id=vm.id, ports=(evil,))).field == \
+            "ports[0].host_address"
+
+
+def test_plan_refuses_a_disk_below_the_image_root(tmp_path: Path) -> None:
+    """Growing the disk or changing the image needs disk_size >= the image's root disk."""
+    images = tmp_path / "images"
+    make_root_disk_image(images, ROOTED_IMAGE, size_mib=2560)  # needs 3 GiB
+    make_root_disk_image(images, "small-0.5.0", size_mib=512)
+    config = plan_config(images, mapping=False)
+    legacy = stopped(tmp_path, ROOTED_IMAGE, 1)  # created before the check existed
+    assert plan(config, legacy, UpdateRequest(id=legacy.id, vcpu=2)).resized == ("vcpu 1 -> 2",)
+    error = refused(config, legacy, UpdateRequest(id=legacy.id, disk_size=2))
+    assert error.field == "disk_size"
+    assert error.reason.startswith(f"must be at least 3 GiB for image '{ROOTED_IMAGE}', whose root")
+    assert plan(config, legacy, UpdateRequest(id=legacy.id, disk_size=3)).grow_disk
+    small = stopped(tmp_path, "small-0.5.0", 1)
+    error = refused(config, small, UpdateRequest(id=small.id, image=ROOTED_IMAGE))
+    assert error.field == "disk_size" and "at least 3 GiB" in error.reason
+    assert plan(config, small, UpdateRequest(id=small.id, image=ROOTED_IMAGE, disk_size=3)).resized
+    gone = stopped(tmp_path, "deleted-0.5.0", 1)  # its image is gone: StartVm reports that
+    assert plan(config, gone, UpdateRequest(id=gone.id, disk_size=2)).grow_disk
 
 
 # -- real QEMU, development image -------------------------------------------------------------

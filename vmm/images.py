@@ -180,3 +180,25 @@ def list_images(images_dir: Path) -> list[Image]:
 def _required(path: Path | None) -> Path:
     assert path is not None
     return path
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+_QCOW2_SIZE_FIELD = slice(24, 32)  # the virtual size: a big-endian u64 at byte 24 of the header
+
+
+def root_disk_size(image: Image) -> int | None:
+    """The virtual size in bytes of the image's root disk (hda); None when it has none.
+
+    Read from the qcow2 header (32 bytes, no qemu-img run): hda.img is created as a qcow2
+    overlay with ``backing_fmt=qcow2``, so an hda in any other format could not boot anyway.
+    """
+    if image.hda is None:
+        return None
+    try:
+        with image.hda.open("rb") as disk:
+            header = disk.read(_QCOW2_SIZE_FIELD.stop)
+    except OSError as exc:
+        raise ImageError(f"image {image.name!r}: cannot read hda: {exc.strerror}") from None
+    if len(header) < _QCOW2_SIZE_FIELD.stop or not header.startswith(QCOW2_MAGIC):
+        raise ImageError(f"image {image.name!r}: hda {image.hda.name!r} is not a qcow2 image")
+    return int.from_bytes(header[_QCOW2_SIZE_FIELD], "big")

@@ -9,6 +9,7 @@ half-loaded) and lenient about unknown keys (a newer VMM may add some).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -250,12 +251,36 @@ def _port_map(value: object, where: str) -> PortMap:
     protocol = r.text("protocol")
     if protocol not in ("tcp", "udp"):
         raise ManifestError(f"`{where}.protocol` must be tcp or udp")
+    ports = {}
+    for key, lowest in (("from", 0), ("to", 1)):  # host port 0: any free port (tests use it)
+        ports[key] = r.number(key)
+        if not lowest <= ports[key] <= 65535:
+            raise ManifestError(f"`{where}.{key}` must be a port number {lowest}..65535")
     return PortMap(
         protocol=protocol,  # type: ignore[arg-type]  # checked just above
-        host_port=r.number("from"),
-        vm_port=r.number("to"),
-        address=r.text("address", default=""),
+        host_port=ports["from"],
+        vm_port=ports["to"],
+        address=_host_address(r.text("address", default=""), f"{where}.address"),
     )
+
+
+def _host_address(address: str, where: str) -> str:
+    """Empty or an IP literal without a scope id: the address goes into QEMU's -netdev option.
+
+    IPv6 stays readable (dstack writes it; QEMU 7.2 refuses it at start), but a scope id may
+    carry any text, commas included, so a manifest edited on disk with option text in it is
+    reported as broken instead of reaching the QEMU command line.
+    """
+    if not address:
+        return address
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        pass
+    else:
+        if "%" not in address:
+            return address
+    raise ManifestError(f"`{where}` must be an IP address without a scope id, got {address!r}")
 
 
 def _network(value: object, where: str) -> Network:

@@ -16,7 +16,9 @@ The groups follow §10 in order; these differences are deliberate:
 - hostfwd: an empty ``PortMap.address`` means ``cvm.port_mapping.address``; an IPv6 host address
   is bracketed (``tcp:[::1]:8080-:80``). QEMU 7.2 itself refuses IPv6 hostfwd ("Bad host
   address"); newer QEMU accepts the bracketed form. The manifest's port_map is applied as
-  stored: whether mappings are allowed at all is decided when the VM is created.
+  stored: whether mappings are allowed at all is decided when they are set (CreateVm, UpdateVm).
+  The hostfwd pieces are not comma-escaped, so anything but an IP literal, tcp|udp and port
+  numbers is refused with a ValueError instead of being written into the option list.
 - Commas inside option values (paths, SMBIOS strings) are doubled, as QEMU's option parser
   requires; §10 strings without commas are unchanged.
 - TDX: ``quote-generation-socket`` is included unless ``cvm.qgs_port`` is 0.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import json
 import re
 from collections import Counter
@@ -60,6 +63,7 @@ _MRCONFIGID_MIN_VERSION = (0, 5, 2)
 _MRCONFIGID_LEN = 48
 _PCI_SLOT = re.compile(r"^[0-9A-Fa-f:.]+$")
 _COMPOSE_HASH = re.compile(r"^[0-9a-f]{64}$")
+_IP_LITERAL_CHARS = re.compile(r"[0-9A-Fa-f.:]+")
 
 
 def _node_zero(slot: str) -> int:
@@ -290,10 +294,34 @@ def _disks(spec: LaunchSpec, snp: bool) -> list[str]:
 
 
 def _hostfwd(mapping: PortMap, default_address: str) -> str:
+    """One ``hostfwd=`` option of the user netdev; a piece that could end it is refused.
+
+    The pieces are not comma-escaped (``,,`` is no valid address or port), so each must be
+    plain: otherwise ``,guestfwd=...-cmd:...`` in an address would run a host command.
+    """
     address = mapping.address or default_address
-    if ":" in address and not address.startswith("["):
+    if not _is_ip_literal(address):
+        raise ValueError(f"hostfwd address {address!r} is not a plain IP address literal")
+    if mapping.protocol not in ("tcp", "udp"):
+        raise ValueError(f"hostfwd protocol {mapping.protocol!r} is not tcp or udp")
+    # Host port 0 asks for any free port; bool is an int subclass, and no port.
+    for what, port, lowest in (("host port", mapping.host_port, 0),
+                               ("VM port", mapping.vm_port, 1)):
+        if type(port) is not int or not lowest <= port <= 65535:
+            raise ValueError(f"hostfwd {what} {port!r} is not a port number {lowest}..65535")
+    if ":" in address:
         address = f"[{address}]"
     return f"hostfwd={mapping.protocol}:{address}:{mapping.host_port}-:{mapping.vm_port}"
+
+
+def _is_ip_literal(address: str) -> bool:
+    if not _IP_LITERAL_CHARS.fullmatch(address):  # also no IPv6 scope id: it may hold anything
+        return False
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def _nics(spec: LaunchSpec, config: Config, snp: bool) -> list[str]:

@@ -15,12 +15,14 @@ from pathlib import Path
 from vmm import compose
 from vmm.config import Config
 from vmm.exceptions import InvalidField, NotFound
-from vmm.images import Image, ImageError, load_image
+from vmm.images import Image, ImageError, load_image, root_disk_size
 from vmm.manifest import GpuAttachment, GpuSpec, Manifest, Network, PortMap
+from vmm.names import IFNAME, check_name
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.workdir import SharedFiles
 
 MAX_USER_CONFIG = 1024 * 1024
+GIB = 1024**3
 
 
 def check_resources(config: Config, vcpu: int, memory: int, disk_size: int, prefix: str = "") -> None:
@@ -50,22 +52,29 @@ def find_image(config: Config, name: str, field: str = "image") -> Image:
 
 
 def check_ports(
-    config: Config, ports: Iterable[pb.PortMapping], *, enforce_policy: bool = True
+    config: Config, ports: Iterable[pb.PortMapping], *, require_address: bool = False
 ) -> tuple[PortMap, ...]:
-    """Validate mappings; policy (enabled, ranges) applies to CreateVm, not to UpdateVm."""
+    """Validate mappings and apply the host's policy (enabled, ranges), for CreateVm and UpdateVm.
+
+    ``require_address`` keeps dstack's UpdateVm rule that every entry names its host address;
+    otherwise an empty one means ``cvm.port_mapping.address``. An empty list is always allowed.
+    """
     mapping = config.cvm.port_mapping
     result: list[PortMap] = []
     for i, port in enumerate(ports):
         where = f"ports[{i}]"
-        if enforce_policy and not mapping.enabled:
-            raise InvalidField("ports", "port mapping is disabled (cvm.port_mapping.enabled)")
         protocol = port.protocol or "tcp"
         if protocol not in ("tcp", "udp"):
             raise InvalidField(f"{where}.protocol", f"must be tcp or udp, got {port.protocol!r}")
         for name, value in (("host_port", port.host_port), ("vm_port", port.vm_port)):
             if not 1 <= value <= 65535:
                 raise InvalidField(f"{where}.{name}", f"must be 1..65535, got {value}")
-        if enforce_policy and not any(
+        if require_address and not port.host_address:
+            raise InvalidField(f"{where}.host_address", "Invalid host address: empty")
+        address = check_host_address(port.host_address, mapping.address, f"{where}.host_address")
+        if not mapping.enabled:
+            raise InvalidField("ports", "port mapping is disabled (cvm.port_mapping.enabled)")
+        if not any(
             r.protocol == protocol and r.from_port <= port.host_port <= r.to_port
             for r in mapping.range
         ):
@@ -74,17 +83,31 @@ def check_ports(
                 f"{where}.host_port",
                 f"port mapping is not allowed for {protocol}:{port.host_port} (allowed: {allowed})",
             )
-        address = port.host_address or mapping.address
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise InvalidField(f"{where}.host_address", f"{address!r} is not an IP address") from None
         candidate = PortMap(protocol, port.host_port, port.vm_port, address)  # type: ignore[arg-type]
         for j, other in enumerate(result):
             if ports_clash(candidate, other):
                 raise InvalidField(where, f"duplicates ports[{j}] ({describe_port(other)})")
         result.append(candidate)
     return tuple(result)
+
+
+def check_host_address(address: str, default: str, field: str) -> str:
+    """``address`` (or ``default`` when empty) if it is a plain IPv4 literal; else InvalidField.
+
+    The address lands inside QEMU's ``-netdev user,...`` option list. IPv6 is refused outright:
+    QEMU 7.2 cannot forward it, and an IPv6 scope id may hold any text, commas included, so
+    ``::1%x,guestfwd=...-cmd:...`` would add an option that runs a host command.
+    """
+    chosen = address or default
+    try:
+        ipaddress.IPv4Address(chosen)
+    except ValueError:
+        shown = repr(chosen[:80]) + ("..." if len(chosen) > 80 else "")
+        source = "" if address else " (the default, cvm.port_mapping.address)"
+        raise InvalidField(
+            field, f"{shown}{source} is not an IPv4 address (only IPv4 can be forwarded)"
+        ) from None
+    return chosen
 
 
 def ports_clash(a: PortMap, b: PortMap) -> bool:
@@ -139,10 +162,40 @@ def check_networks(request: pb.VmConfiguration) -> tuple[Network, ...]:
             raise InvalidField(f"{where}.mode", f"must be user or bridge, got {entry.mode!r}")
         if entry.bridge_name and entry.mode != "bridge":
             raise InvalidField(f"{where}.bridge_name", "is only allowed with mode bridge")
-        if entry.bridge_name and not Path("/sys/class/net", entry.bridge_name).is_dir():
-            raise InvalidField(f"{where}.bridge_name", f"no bridge {entry.bridge_name!r} on host")
+        if entry.bridge_name:
+            # The name rule first: the name is then one interface name, never a path to probe.
+            bridge = check_name(entry.bridge_name, f"{where}.bridge_name", IFNAME)
+            if not is_bridge(bridge):
+                raise InvalidField(f"{where}.bridge_name", f"no bridge {bridge!r} on this host")
         result.append(Network(mode=entry.mode, bridge=entry.bridge_name))  # type: ignore[arg-type]
     return tuple(result)
+
+
+def is_bridge(ifname: str) -> bool:
+    """Whether ``ifname`` (already a checked interface name) is a bridge on this host."""
+    # A missing interface and one that is not a bridge get the same answer.
+    return Path("/sys/class/net", ifname, "bridge").is_dir()
+
+
+def check_disk_fits_image(image: Image, disk_size: int, field: str = "disk_size") -> None:
+    """Refuse a disk smaller than the image's root disk: the guest could not mount its root.
+
+    The VM's hda.img is a qcow2 overlay on the image's hda, so ``disk_size`` GiB is what the
+    guest sees; below the root disk's size the filesystem is cut short.
+    """
+    try:
+        root = root_disk_size(image)
+    except ImageError as exc:
+        raise InvalidField("image", exc.message) from None
+    if root is None:
+        return
+    minimum = -(-root // GIB)
+    if disk_size < minimum:
+        raise InvalidField(
+            field,
+            f"must be at least {minimum} GiB for image {image.name!r}, whose root disk is "
+            f"{root / GIB:.2f} GiB; got {disk_size}",
+        )
 
 
 def build_vm(config: Config, request: pb.VmConfiguration) -> tuple[Manifest, SharedFiles, Image]:
@@ -151,6 +204,7 @@ def build_vm(config: Config, request: pb.VmConfiguration) -> tuple[Manifest, Sha
     image = find_image(config, request.image)
     compose.parse_compose(request.compose_file)
     check_resources(config, request.vcpu, request.memory, request.disk_size)
+    check_disk_fits_image(image, request.disk_size)
     ports = check_ports(config, request.ports)
     if request.HasField("simulated_tee") and request.simulated_tee:
         raise InvalidField("simulated_tee", "no TEE simulator is configured on this host")

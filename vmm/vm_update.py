@@ -3,9 +3,10 @@
 Nothing restarts here. What can change:
 
 - ``compose_file`` (must parse), ``encrypted_env`` and ``user_config``: replaced when non-empty;
-- ``ports`` (``update_ports``): replaced, with the conflict checks against other VMs but without
-  the CreateVm policy (``port_mapping.enabled``/``range``), as in dstack; every entry needs an
-  explicit ``host_address``;
+- ``ports`` (``update_ports``): replaced, with the conflict checks against other VMs and the same
+  validation and policy as CreateVm (IPv4 ``host_address``, ``port_mapping.enabled``/``range``).
+  dstack skips the policy here, which let UpdateVm add what CreateVm refuses; an empty list
+  (clearing the mappings) is always allowed. Every entry needs an explicit ``host_address``;
 - ``kms_urls`` / ``gateway_urls`` (``update_*``): replaced; an empty list means the node default;
 - ``networks`` (``update_networking``): replaced; empty means the node default;
 - ``gpus`` and ``no_tee`` when present;
@@ -13,7 +14,8 @@ Nothing restarts here. What can change:
   a running QEMU keeps its size. A field equal to the current value is not a change, so a client
   that always sends the current size can still update a running VM's compose. The disk only
   grows; growing runs ``qemu-img resize`` on ``hda.img`` when the disk exists (a VM that never
-  booted gets the new size when the disk is created).
+  booted gets the new size when the disk is created). A new size or image must hold the image's
+  root disk, as at CreateVm.
 
 UpdateVm returns ``sha256(compose)[:40]``, the app id a fresh CreateVm of that compose would get,
 when the compose changed, else "". As in dstack, the VM's own ``app_id`` is NOT changed: it is
@@ -40,6 +42,7 @@ from vmm.manifest import GpuAttachment, Manifest, ManifestError, Network, PortMa
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vm_request import (
     MAX_USER_CONFIG,
+    check_disk_fits_image,
     check_gpus,
     check_networks,
     check_ports,
@@ -158,10 +161,7 @@ def plan(config: Config, vm: Vm, req: UpdateRequest) -> Plan:
         changed.append("user_config")
 
     if req.ports is not None:
-        for i, port in enumerate(req.ports):
-            if not port.host_address:
-                raise InvalidField(f"ports[{i}].host_address", "Invalid host address: empty")
-        ports: tuple[PortMap, ...] = check_ports(config, req.ports, enforce_policy=False)
+        ports: tuple[PortMap, ...] = check_ports(config, req.ports, require_address=True)
         _set(fields, changed, old, "port_map", ports, label="ports")
     if req.kms_urls is not None:
         _set(fields, changed, old, "kms_urls", check_urls("kms_urls", req.kms_urls))
@@ -193,9 +193,18 @@ def plan(config: Config, vm: Vm, req: UpdateRequest) -> Plan:
             resized.append(f"{name} {before}{unit} -> {after}{unit}")
     image_version = None
     if req.image is not None and req.image != old.image:
-        image_version = find_image(config, req.image).version
+        image = find_image(config, req.image)
+        check_disk_fits_image(image, disk)
+        image_version = image.version
         fields["image"] = req.image
         resized.append(f"image {old.image} -> {req.image}")
+    elif disk != old.disk_size:
+        try:
+            current = find_image(config, old.image)
+        except InvalidField:
+            current = None  # the image is gone; StartVm reports that, a resize need not
+        if current is not None:
+            check_disk_fits_image(current, disk)
 
     return Plan(
         manifest=old.evolve(**fields) if fields else old,
