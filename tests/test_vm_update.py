@@ -37,7 +37,7 @@ from vmm.exceptions import InvalidField
 from vmm.manifest import Manifest, PortMap
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vm import Vm
-from vmm.vm_update import JOURNAL, UpdateRequest, finish_pending, plan, write_update
+from vmm.vm_update import JOURNAL, UpdateRequest, finish_pending, plan, stage_update, write_update
 from vmm.workdir import SharedFiles, Workdir, create_workdir
 
 
@@ -221,15 +221,14 @@ def test_update_journal_rolls_forward(tmp_path: Path) -> None:
     assert not (wd.path / JOURNAL).exists()
     assert wd.read_manifest() == new
 
-    # Simulate a crash right after the journal was written: files still old, journal present.
-    (wd.path / JOURNAL).write_text(json.dumps({
-        "manifest": old.evolve(vcpu=3).to_json(), "compose": '{"v": 3}',
-        "encrypted_env": "", "user_config": "",
-    }))
+    # A crash right after the commit: files still old, journal present; finished at load.
+    staged = stage_update(wd, old.evolve(vcpu=3), SharedFiles(compose='{"v": 3}'))
+    staged.write_journal()
+    assert wd.read_manifest() == new
     assert finish_pending(Workdir(wd.path)) is True
-    assert wd.read_manifest().vcpu == 3
-    assert wd.read_shared() == SharedFiles(compose='{"v": 3}')
-    assert not (wd.path / JOURNAL).exists()
+    assert wd.read_manifest() == old.evolve(vcpu=3)
+    assert wd.read_shared() == SharedFiles(compose='{"v": 3}')  # env and user config removed
+    assert sorted(p.name for p in wd.path.rglob(".*")) == [".instance_info"]
     assert finish_pending(Workdir(wd.path)) is False
     # A journal damaged from outside is dropped, leaving the complete previous version.
     (wd.path / JOURNAL).write_text("{torn")
@@ -298,6 +297,38 @@ def test_plan_refuses_a_disk_below_the_image_root(tmp_path: Path) -> None:
     assert plan(config, small, UpdateRequest(id=small.id, image=ROOTED_IMAGE, disk_size=3)).resized
     gone = stopped(tmp_path, "deleted-0.5.0", 1)  # its image is gone: StartVm reports that
     assert plan(config, gone, UpdateRequest(id=gone.id, disk_size=2)).grow_disk
+
+
+def test_update_journal_replay_is_idempotent_and_leftovers_go(tmp_path: Path) -> None:
+    """A crash mid-install is finished; staged files without a journal are dropped, not applied."""
+    old = Manifest(id="vm-1", name="a", app_id="ab" * 20, image="img", vcpu=1, memory=64,
+                   disk_size=1, created_at_ms=1)
+    wd = create_workdir(tmp_path, old, SharedFiles(compose="{}"), started=False)
+    staged = stage_update(wd, old.evolve(vcpu=2), SharedFiles(compose='{"v": 2}', user_config="u"))
+    assert staged.install == ("shared/app-compose.json", "shared/.user-config", "vm-manifest.json")
+    staged.write_journal()
+    (wd.shared / ".app-compose.json.update").replace(wd.compose)  # installed before the crash
+    assert finish_pending(wd) is True
+    assert (wd.read_manifest().vcpu, wd.read_shared()) == \
+        (2, SharedFiles(compose='{"v": 2}', user_config="u"))
+
+    # Staged but never committed (a crash before the journal): the old version stays.
+    stage_update(wd, old.evolve(vcpu=5), SharedFiles(compose='{"v": 5}'))
+    assert finish_pending(wd) is False
+    assert (wd.read_manifest().vcpu, wd.read_shared().compose) == (2, '{"v": 2}')
+    assert sorted(p.name for p in wd.path.rglob(".*")) == [".instance_info", ".user-config"]
+
+    # A journal naming a file an update never writes is refused, not followed.
+    (tmp_path / "victim").write_text("keep")
+    (wd.path / ".victim.update").write_text("overwritten")
+    journals: list[dict[str, object]] = [{"install": ["../victim"], "remove": []},
+                                         {"install": [["vm-manifest.json"]], "remove": []},
+                                         {"install": []}]
+    for journal in journals:
+        (wd.path / JOURNAL).write_text(json.dumps(journal))
+        assert finish_pending(wd) is False
+        assert (tmp_path / "victim").read_text() == "keep"
+        assert not (wd.path / JOURNAL).exists()
 
 
 # -- real QEMU, development image -------------------------------------------------------------

@@ -16,11 +16,15 @@ anything that is not a ``VmmError`` is a bug and becomes a logged 500.
     ├── ResourceExhausted (409)             a limit (CIDs, vCPUs, memory, ports) is reached
     ├── NotImplementedYet (501)             the RPC exists but is not built yet
     ├── Unavailable (503)                   a dependency (KMS, guest agent, supervisor) is down
+    ├── StorageError (507)                  writing the daemon's state failed; names the file
+    │   └── InsufficientStorage             ... because the disk or the quota is full (ENOSPC, EDQUOT)
     ├── ConfigError (ValueError)            vmm.toml is invalid; raised at start, names the key
     └── SupervisorError                     the supervisor refused or failed a request
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class VmmError(Exception):
@@ -104,6 +108,31 @@ class NotImplementedYet(VmmError):
 class Unavailable(VmmError):
     status_code = 503
     code = "UNAVAILABLE"
+
+
+class StorageError(VmmError):
+    """A write of the daemon's state failed; the call changed nothing.
+
+    ``path`` is the file as the daemon names it to clients, relative to its state directory:
+    never an absolute host path.
+    """
+
+    status_code = 507
+    code = "STORAGE"
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path = path
+
+    @classmethod
+    def of(cls, exc: OSError, path: str) -> StorageError:
+        """``exc`` as the error a client sees: InsufficientStorage when space or quota ran out."""
+        kind = InsufficientStorage if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StorageError
+        return kind(path, exc.strerror or type(exc).__name__)
+
+
+class InsufficientStorage(StorageError):
+    code = "INSUFFICIENT_STORAGE"
 
 
 class ConfigError(VmmError, ValueError):

@@ -1,4 +1,9 @@
-"""File primitives for crash safety, shared by the daemon and the supervisor."""
+"""File primitives for crash safety, shared by the daemon and the supervisor.
+
+An OSError raised here names the file the caller asked to write (``filename``), even when the
+failing call was a ``write`` or ``fsync``, which name none: the caller can tell a client which
+file did not fit.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,24 @@ def fsync_dir(path: Path) -> None:
         os.close(dir_fd)
 
 
+def write_synced(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Create or truncate the scratch file ``path`` with ``data`` and fsync it; removed on failure."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        _name_file(exc, path)
+        raise
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so a reader sees the old or the new file, never a torn one.
 
@@ -22,15 +45,17 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     content after a power loss.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, data, mode)
         tmp.replace(path)
-    except BaseException:
+        fsync_dir(path.parent)
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        _name_file(exc, path)
         raise
-    fsync_dir(path.parent)
+
+
+def _name_file(exc: BaseException, path: Path) -> None:
+    if isinstance(exc, OSError):
+        exc.filename, exc.filename2 = os.fspath(path), None

@@ -21,6 +21,7 @@ import datetime as dt
 import errno
 import json
 import logging
+import os
 import socket
 from collections import deque
 from collections.abc import Iterable
@@ -31,7 +32,14 @@ from vmm.auto_restart import AutoRestart
 from vmm.cid_pool import CidPool
 from vmm.compose import compose_hash
 from vmm.config import Config
-from vmm.exceptions import Conflict, InvalidField, SupervisorError, Unavailable, VmNotFound
+from vmm.exceptions import (
+    Conflict,
+    InvalidField,
+    StorageError,
+    SupervisorError,
+    Unavailable,
+    VmNotFound,
+)
 from vmm.host import HostCapabilities
 from vmm.images import Image
 from vmm.manifest import DesiredState, ManifestError, PortMap
@@ -43,7 +51,7 @@ from vmm.supervisor.types import ProcessConfig, ProcessInfo
 from vmm.vm import Vm, process_note
 from vmm.vm_channels import ChannelHub
 from vmm.vm_request import build_vm, describe_port, find_image, ports_clash
-from vmm.workdir import Workdir, create_workdir
+from vmm.workdir import Workdir, create_workdir, shown_path
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +113,21 @@ class Manager:
         if not request.stopped:
             try:
                 await self.start(manifest.id)
-            except BaseException:
+            except BaseException as exc:
                 await self._rollback(vm)
+                if isinstance(exc, OSError) and (storage := self._storage_error(exc, vm)):
+                    raise storage from exc
                 raise
         return manifest.id
+
+    def _storage_error(self, exc: OSError, vm: Vm) -> StorageError | None:
+        """``exc`` as the 507 a client sees if a file of ``vm`` or space is at fault, else None."""
+        path = Path(os.fsdecode(exc.filename)) if exc.filename else None
+        if path is not None and path.is_relative_to(self.run_path):
+            return StorageError.of(exc, shown_path(self.run_path, path))
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a write() names no file
+            return StorageError.of(exc, shown_path(self.run_path, vm.workdir.path))
+        return None
 
     def _check_port_conflicts(self, vm_id: str, ports: Iterable[PortMap]) -> None:
         for i, port in enumerate(ports):

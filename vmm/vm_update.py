@@ -21,24 +21,40 @@ UpdateVm returns ``sha256(compose)[:40]``, the app id a fresh CreateVm of that c
 when the compose changed, else "". As in dstack, the VM's own ``app_id`` is NOT changed: it is
 the identity the KMS derives the app's keys from, and an upgrade keeps the app.
 
-Crash safety: the new manifest and shared files are first written together to a journal
-(``.update-pending.json``, atomically) and then to their own files; the journal is removed
-last. At daemon start a journal left by a crash is rolled forward (``finish_pending``), so a
-reader never sees the new compose with the old manifest or the reverse.
+Writing is all or nothing, and the answer always says which (a full disk is the usual way to
+fail half-way). An update goes in three steps:
+
+1. **stage**: the new content of each changed file is written and fsynced beside it
+   (``.<name>.update``). Every byte the update needs is allocated here;
+2. **commit**: a small journal (``.update-pending.json``) naming the staged files is written
+   atomically. This is the point of no return;
+3. **install**: the staged files are renamed over the old ones, then the journal is removed.
+
+A failure in step 1 or 2 removes what was staged and the journal and reports an error
+(``StorageError``, 507): nothing changed, on disk or in memory. After step 2 the call reports
+success, because the update will be in effect whatever happens: renames allocate nothing, so a
+full disk cannot stop them, and if they fail anyway (an I/O error) or the daemon crashes, the
+journal is finished (``finish_pending``) by the next update of the VM, by ReloadVms and at daemon
+start. The other design, rolling back after a failed write of the files themselves, needs to
+write the old content again, on the disk that just ran out of space: that rollback can fail too,
+and leave a mix that is neither the old VM nor the new one, with an answer that matches neither.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmm import compose, limits
-from vmm.exceptions import BadRequest, Conflict, InvalidField
-from vmm.fsutil import atomic_write, fsync_dir
-from vmm.manifest import GpuAttachment, Manifest, ManifestError, Network, PortMap
+from vmm.exceptions import BadRequest, Conflict, InvalidField, StorageError
+from vmm.fsutil import atomic_write, fsync_dir, write_synced
+from vmm.manifest import GpuAttachment, Manifest, Network, PortMap
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vm_request import (
     MAX_USER_CONFIG,
@@ -50,7 +66,7 @@ from vmm.vm_request import (
     check_urls,
     find_image,
 )
-from vmm.workdir import SharedFiles, Workdir
+from vmm.workdir import SharedFiles, Workdir, shown_path
 
 if TYPE_CHECKING:
     from vmm.config import Config
@@ -248,12 +264,18 @@ async def apply(manager: Manager, req: UpdateRequest) -> Plan:
             if (p.manifest.vcpu, p.manifest.memory) != (vm.manifest.vcpu, vm.manifest.memory):
                 limits.check_fits(manager.config, manager.vms.values(), vcpu=p.manifest.vcpu,
                                   memory_mb=p.manifest.memory, exclude=vm.id)
-            if p.grow_disk and vm.workdir.disk.exists():
-                # Before the manifest: a crash in between leaves a disk larger than recorded,
-                # which the next resize fixes, never a manifest promising space the disk lacks.
-                await _run(["qemu-img", "resize", str(vm.workdir.disk),
-                            f"{p.manifest.disk_size}G"], QEMU_IMG_TIMEOUT)
-            await asyncio.to_thread(write_update, vm.workdir, p.manifest, p.shared)
+            staged = await asyncio.to_thread(stage_update, vm.workdir, p.manifest, p.shared)
+            try:
+                if p.grow_disk and vm.workdir.disk.exists():
+                    # Once the files fit, and before the commit: a crash in between leaves a
+                    # disk larger than recorded, which the next resize fixes, never a manifest
+                    # promising space the disk lacks.
+                    await _run(["qemu-img", "resize", str(vm.workdir.disk),
+                                f"{p.manifest.disk_size}G"], QEMU_IMG_TIMEOUT)
+            except BaseException:
+                staged.discard()
+                raise
+            await asyncio.to_thread(staged.commit)
         vm.manifest, vm.shared = p.manifest, p.shared
         if p.image_version is not None:
             vm.image_version = p.image_version
@@ -268,48 +290,163 @@ async def apply(manager: Manager, req: UpdateRequest) -> Plan:
 # -- files ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StagedUpdate:
+    """New files written beside the ones they replace; not in effect until ``commit``."""
+
+    workdir: Workdir
+    install: tuple[str, ...]  # paths relative to the work directory, replaced by staged copies
+    remove: tuple[str, ...]  # paths relative to the work directory, deleted
+
+    @property
+    def journal(self) -> Path:
+        return self.workdir.path / JOURNAL
+
+    def write_journal(self) -> None:
+        """Step 2: from here on the update is in effect, or will be after a crash."""
+        for directory in sorted({(self.workdir.path / name).parent for name in self.install}):
+            fsync_dir(directory)  # the staged names must be durable before the journal is
+        atomic_write(self.journal, json.dumps({"install": list(self.install),
+                                               "remove": list(self.remove)}).encode())
+
+    def commit(self) -> None:
+        """Write the journal, then install; raise ``StorageError`` only if nothing changed."""
+        if not self.install and not self.remove:
+            return
+        try:
+            self.write_journal()
+        except OSError as exc:
+            # Also when only the journal's directory fsync failed: the journal is there then,
+            # but the call reports failure, so the update must not be replayed.
+            with contextlib.suppress(OSError):
+                self.journal.unlink(missing_ok=True)
+            self.discard()
+            failed = Path(os.fsdecode(exc.filename)) if exc.filename else self.journal
+            raise _storage_error(exc, self.workdir, failed) from exc
+        try:
+            _install(self.workdir, self.install, self.remove)
+        except OSError:
+            log.exception("VM %s: the update is committed but not yet in place; it is finished "
+                          "by the next update, ReloadVms or daemon start", self.workdir.id)
+
+    def discard(self) -> None:
+        for name in self.install:
+            with contextlib.suppress(OSError):
+                _staged(self.workdir.path / name).unlink(missing_ok=True)
+
+
+def stage_update(workdir: Workdir, manifest: Manifest, shared: SharedFiles) -> StagedUpdate:
+    """Step 1: write the new content of every file that changes beside it.
+
+    Raises ``StorageError`` (nothing changed) when a file cannot be written, a full disk say.
+    """
+    try:
+        finish_pending(workdir)  # an earlier committed update goes in before this one
+    except OSError as exc:
+        raise _storage_error(exc, workdir, workdir.path) from exc
+    install: list[str] = []
+    remove: list[str] = []
+    for target, data in _new_contents(workdir, manifest, shared).items():
+        name = str(target.relative_to(workdir.path))
+        try:
+            if data == _read_or_none(target):
+                continue
+            if data is None:
+                remove.append(name)
+                continue
+            target.parent.mkdir(exist_ok=True)
+            write_synced(_staged(target), data)
+        except OSError as exc:
+            StagedUpdate(workdir, tuple(install), ()).discard()
+            raise _storage_error(exc, workdir, target) from exc
+        install.append(name)
+    return StagedUpdate(workdir, tuple(install), tuple(remove))
+
+
 def write_update(workdir: Workdir, manifest: Manifest, shared: SharedFiles) -> None:
-    """Write manifest and shared files so that a crash leaves all old or (after recovery) all new."""
-    journal = workdir.path / JOURNAL
-    atomic_write(journal, json.dumps({
-        "manifest": manifest.to_json(),
-        "compose": shared.compose,
-        "encrypted_env": shared.encrypted_env.hex(),
-        "user_config": shared.user_config,
-    }).encode())
-    _apply(workdir, manifest, shared)
-    journal.unlink()
-    fsync_dir(workdir.path)
-
-
-def _apply(workdir: Workdir, manifest: Manifest, shared: SharedFiles) -> None:
-    workdir.write_shared(shared)
-    workdir.write_manifest(manifest)
+    """Write manifest and shared files: all in effect, or ``StorageError`` and nothing changed."""
+    stage_update(workdir, manifest, shared).commit()
 
 
 def finish_pending(workdir: Workdir) -> bool:
-    """Roll forward an update a crash interrupted; True if there was one to finish."""
-    journal = workdir.path / JOURNAL
+    """Finish a committed update a crash or an I/O error interrupted; True if there was one.
+
+    Without a journal, staged files are leftovers of an update that never committed: removed.
+    """
     try:
-        data = json.loads(journal.read_bytes())
-        manifest = Manifest.from_json(data["manifest"])
-        shared = SharedFiles(compose=data["compose"],
-                             encrypted_env=bytes.fromhex(data["encrypted_env"]),
-                             user_config=data["user_config"])
+        install, remove = _read_journal(workdir)
     except FileNotFoundError:
+        _discard_leftovers(workdir)
         return False
-    except (OSError, ValueError, KeyError, TypeError, ManifestError) as exc:
-        # The journal is written atomically, so this is damage from outside; the files it
-        # would have replaced are still the complete previous version.
-        log.warning("ignoring unreadable update journal %s: %s", journal, exc)
-        journal.unlink(missing_ok=True)
+    except (OSError, ValueError) as exc:
+        # The journal is written atomically, so this is damage from outside.
+        log.warning("ignoring unreadable update journal %s: %s", workdir.path / JOURNAL, exc)
+        (workdir.path / JOURNAL).unlink(missing_ok=True)
+        _discard_leftovers(workdir)
         return False
-    if manifest.id != workdir.id:
-        log.warning("ignoring update journal %s: it is for VM %r", journal, manifest.id)
-        journal.unlink(missing_ok=True)
-        return False
-    _apply(workdir, manifest, shared)
-    journal.unlink()
-    fsync_dir(workdir.path)
-    log.info("finished an update of VM %s interrupted by a crash", workdir.id)
+    _install(workdir, install, remove)
+    log.info("finished an interrupted update of VM %s", workdir.id)
     return True
+
+
+def _updated_files(workdir: Workdir) -> tuple[Path, ...]:
+    """The files an update writes; the manifest last, so it goes in after what it describes."""
+    return (workdir.compose, workdir.encrypted_env, workdir.user_config, workdir.manifest)
+
+
+def _new_contents(workdir: Workdir, manifest: Manifest,
+                  shared: SharedFiles) -> dict[Path, bytes | None]:
+    """Each file an update writes and its new content (None: the file is removed)."""
+    contents = (shared.compose.encode(), shared.encrypted_env or None,
+                shared.user_config.encode() or None, manifest.dumps())
+    return dict(zip(_updated_files(workdir), contents, strict=True))
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _staged(target: Path) -> Path:
+    return target.with_name(f".{target.name}.update")
+
+
+def _read_journal(workdir: Workdir) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    data = json.loads((workdir.path / JOURNAL).read_bytes())
+    if not isinstance(data, dict):
+        raise ValueError("the journal is not a JSON object")
+    # Only the files an update writes: the journal never names a path outside the VM.
+    known = {str(path.relative_to(workdir.path)) for path in _updated_files(workdir)}
+    found: list[tuple[str, ...]] = []
+    for key in ("install", "remove"):
+        names = data.get(key)
+        if not isinstance(names, list) or not all(
+                isinstance(name, str) and name in known for name in names):
+            raise ValueError(f"`{key}` must list files of {sorted(known)}")
+        found.append(tuple(names))
+    return found[0], found[1]
+
+
+def _install(workdir: Workdir, install: tuple[str, ...], remove: tuple[str, ...]) -> None:
+    """Step 3, also the replay after a crash: renames and deletes only, so it needs no space."""
+    for name in install:
+        target = workdir.path / name
+        with contextlib.suppress(FileNotFoundError):  # no staged copy: installed before a crash
+            _staged(target).replace(target)
+    for name in remove:
+        (workdir.path / name).unlink(missing_ok=True)
+    for directory in sorted({(workdir.path / name).parent for name in install + remove}):
+        fsync_dir(directory)
+    (workdir.path / JOURNAL).unlink()
+    fsync_dir(workdir.path)
+
+
+def _discard_leftovers(workdir: Workdir) -> None:
+    for target in _updated_files(workdir):
+        _staged(target).unlink(missing_ok=True)
+
+
+def _storage_error(exc: OSError, workdir: Workdir, path: Path) -> StorageError:
+    return StorageError.of(exc, shown_path(workdir.path.parent, path))

@@ -7,12 +7,15 @@ CreateVm leaves either nothing or a complete directory. Temporary directories st
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmm.exceptions import StorageError
 from vmm.fsutil import atomic_write, fsync_dir
 from vmm.manifest import DesiredState, Manifest
 from vmm.names import VM_ID, child_of
@@ -147,23 +150,51 @@ class Workdir:
 def create_workdir(
     run_path: Path, manifest: Manifest, shared: SharedFiles, started: bool
 ) -> Workdir:
-    """Write a complete work directory for ``manifest`` atomically and return it."""
-    run_path.mkdir(parents=True, exist_ok=True)
+    """Write a complete work directory for ``manifest`` atomically and return it.
+
+    On failure nothing is left behind, and an OSError (a full disk, say) becomes a
+    ``StorageError`` naming the file that could not be written.
+    """
     final = child_of(run_path, manifest.id, "id", VM_ID)
     staging = Workdir(run_path / f"{CREATING_PREFIX}{manifest.id}")
-    staging.path.mkdir(mode=0o750)
     try:
-        staging.write_manifest(manifest)
-        staging.write_shared(shared)
-        staging.write_json(staging.instance_info, {"app_id": manifest.app_id})
-        staging.write_desired(DesiredState(started=started))
-        fsync_dir(staging.path)
-        staging.path.rename(final)  # fails if `final` exists: ids never collide silently
-        fsync_dir(run_path)
-    except BaseException:
-        shutil.rmtree(staging.path, ignore_errors=True)
-        raise
+        run_path.mkdir(parents=True, exist_ok=True)
+        staging.path.mkdir(mode=0o750)
+        try:
+            staging.write_manifest(manifest)
+            staging.write_shared(shared)
+            staging.write_json(staging.instance_info, {"app_id": manifest.app_id})
+            staging.write_desired(DesiredState(started=started))
+            fsync_dir(staging.path)
+            staging.path.rename(final)  # fails if `final` exists: ids never collide silently
+        except BaseException:
+            shutil.rmtree(staging.path, ignore_errors=True)
+            raise
+        try:
+            fsync_dir(run_path)
+        except BaseException:
+            # The create is reported failed, so the directory must not come back at a reload.
+            with contextlib.suppress(OSError):
+                Workdir(final).delete()
+            raise
+    except OSError as exc:
+        failed = Path(os.fsdecode(exc.filename)) if exc.filename else final
+        raise StorageError.of(exc, shown_path(run_path, failed)) from exc
     return Workdir(final)
+
+
+def shown_path(run_path: Path, path: Path) -> str:
+    """``path`` as clients see it: relative to ``run_path``, a staging directory by its VM id.
+
+    Nothing above ``run_path`` is shown: the host's layout is not the client's business.
+    """
+    try:
+        parts = path.relative_to(run_path).parts
+    except ValueError:
+        return path.name
+    if not parts:
+        return "run_path"
+    return "/".join((parts[0].removeprefix(CREATING_PREFIX), *parts[1:]))
 
 
 def clean_staging(run_path: Path) -> list[str]:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,8 +195,12 @@ def start_daemon(
     extra_config: str = "",
     env: dict[str, str] | None = None,
     timeout: float = START_TIMEOUT,
+    wrap: Sequence[str] = (),
 ) -> DaemonProcess:
-    """Start ``python -m vmm serve`` in ``workdir``; wait until every listener is up."""
+    """Start ``python -m vmm serve`` in ``workdir``; wait until every listener is up.
+
+    ``wrap`` is a command that execs its arguments (``unshare -m ...``): the daemon keeps its PID.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     addresses = addresses or ["tcp:127.0.0.1:0"]
     config = write_config(workdir, addresses, extra_config)
@@ -204,7 +208,7 @@ def start_daemon(
     log_file = log_path.open("ab")
     offset = log_file.tell()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vmm", "-c", str(config), "serve"],
+        [*wrap, sys.executable, "-m", "vmm", "-c", str(config), "serve"],
         cwd=workdir,
         stdout=log_file,
         stderr=subprocess.STDOUT,
