@@ -58,8 +58,10 @@ class Daemon:
         )
         sock, pid_file, log_file, state_file = self._sv_paths
         if self.config.supervisor.auto_start:
+            # The daemon started it, so it also starts a new one should it die (a crash, an OOM
+            # kill): without one no VM can be started, stopped or even listed.
             self._supervisor = await ensure_supervisor(
-                sock, pid_file, log_file, state_file=state_file
+                sock, pid_file, log_file, state_file=state_file, restart=True
             )
         else:
             self._supervisor = SupervisorClient(sock)

@@ -20,6 +20,7 @@ anything that is not a ``VmmError`` is a bug and becomes a logged 500.
     │   └── InsufficientStorage             ... because the disk or the quota is full (ENOSPC, EDQUOT)
     ├── ConfigError (ValueError)            vmm.toml is invalid; raised at start, names the key
     └── SupervisorError                     the supervisor refused or failed a request
+        └── SupervisorUnavailable (503)     it does not answer (also an Unavailable)
 """
 
 from __future__ import annotations
@@ -146,3 +147,10 @@ class SupervisorError(VmmError):
 
     status_code = 500
     code = "SUPERVISOR"
+
+
+class SupervisorUnavailable(SupervisorError, Unavailable):
+    """The supervisor does not answer (dead, restarting, or too slow); the call may be retried."""
+
+    status_code = 503
+    code = "UNAVAILABLE"

@@ -37,6 +37,7 @@ from vmm.exceptions import (
     InvalidField,
     StorageError,
     SupervisorError,
+    SupervisorUnavailable,
     Unavailable,
     VmNotFound,
 )
@@ -151,6 +152,9 @@ class Manager:
             if not vm.running:
                 limits.check_fits(self.config, self.vms.values(), vcpu=vm.manifest.vcpu,
                                   memory_mb=vm.manifest.memory, exclude=vm.id)
+            # A failed boot still leaves the start wanted (auto-restart retries it), but a start
+            # the daemon cannot even attempt, with no supervisor, must leave no trace.
+            await self.supervisor.check()
             await self._set_started(vm, True)
             if vm.running:
                 return
@@ -173,7 +177,7 @@ class Manager:
             vm.instance_id, vm.app_url = "", ""
             await self.channels.close(vm)  # a previous boot's channels point at dead sockets
             self.channels.open(vm)
-            vm.process = await self.supervisor.info(vm.id)
+            vm.process = await self._process_after(vm, "started")
             vm.add_event("vmm.started", f"pid {vm.process.state.pid if vm.process else '?'}")
             log.info("started VM %s", vm.id)
 
@@ -255,15 +259,27 @@ class Manager:
     async def stop(self, vm_id: str) -> None:
         vm = self.get(vm_id)
         async with vm.lock:
-            await self._set_started(vm, False)
+            # Killed first: if the supervisor cannot be reached the VM runs on, wanted running.
             await self._kill(vm)
+            await self._set_started(vm, False)
             vm.add_event("vmm.stopped", "hard stop")
 
     async def _kill(self, vm: Vm) -> None:
+        """Stop the VM's QEMU; raises if the supervisor did not get the request."""
         if vm.process is not None or await self.supervisor.info(vm.id) is not None:
             await self.supervisor.stop(vm.id)
-            vm.process = await self.supervisor.info(vm.id)
+            vm.process = await self._process_after(vm, "stopped")
         await self.channels.close(vm)
+
+    async def _process_after(self, vm: Vm, done: str) -> ProcessInfo | None:
+        """The process state after a start or stop that happened, even if it cannot be read."""
+        try:
+            return await self.supervisor.info(vm.id)
+        except SupervisorError as exc:
+            # The call must not fail for it: the watcher brings the state up to date.
+            log.warning("VM %s: %s, but cannot read its process state: %s", vm.id, done,
+                        exc.message)
+            return vm.process
 
     async def shutdown(self, vm_id: str) -> None:
         """Press the ACPI power button; a watcher hard-stops the VM after the timeout."""
@@ -271,9 +287,15 @@ class Manager:
         async with vm.lock:
             if not vm.running:
                 raise Conflict(f"VM {vm_id} is not running (status: {vm.status})")
-            await self._set_started(vm, False)
+            progress = vm.shutdown_progress
             vm.shutdown_progress = "shutting down"
-            how = await self._request_poweroff(vm)
+            try:
+                how = await self._request_poweroff(vm)
+            except BaseException:
+                vm.shutdown_progress = progress
+                raise
+            # After the request: one that reached neither guest nor supervisor changes nothing.
+            await self._set_started(vm, False)
             if how is None:
                 return
             vm.spawn(self._finish_shutdown(vm, self.config.cvm.shutdown_timeout, how))
@@ -299,7 +321,8 @@ class Manager:
     async def _finish_shutdown(self, vm: Vm, timeout: float, how: str) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
-            vm.process = await self.supervisor.info(vm.id)
+            with contextlib.suppress(SupervisorUnavailable):  # restarting; ask again next round
+                vm.process = await self.supervisor.info(vm.id)
             if not vm.running:
                 vm.shutdown_progress = "stopped"
                 await self.channels.close(vm)
@@ -309,7 +332,11 @@ class Manager:
         async with vm.lock:
             if vm.started or vm.removing:
                 return  # someone started or removed it meanwhile; their call wins
-            await self._kill(vm)
+            try:
+                await self._kill(vm)
+            except SupervisorError as exc:
+                vm.add_event("vmm.shutdown", f"hard stop after {timeout:g}s failed: {exc.message}")
+                return
         vm.shutdown_progress = "stopped"
         vm.add_event("vmm.shutdown", f"forced: no power-off within {timeout:g}s, hard stop")
 
@@ -331,6 +358,9 @@ class Manager:
         async with vm.lock:
             if vm.removing:
                 return
+            # The removal ends in the background through the supervisor: accept it only if
+            # one answers, so a dead one gets a 503 and leaves no `.removing` mark behind.
+            await self.supervisor.check()
             vm.removing = True
             await asyncio.to_thread(vm.workdir.mark_removing)
         vm.add_event("vmm.removing")
@@ -340,20 +370,24 @@ class Manager:
         try:
             async with vm.lock, asyncio.timeout(REMOVE_TIMEOUT):
                 while True:
-                    info = await self.supervisor.info(vm.id)
-                    if info is None:
-                        break
-                    if info.state.status == "running":
+                    try:
+                        info = await self.supervisor.info(vm.id)
+                        if info is None:
+                            break
+                        if info.state.status != "running":
+                            await self.supervisor.remove(vm.id)
+                            break
                         await self.supervisor.stop(vm.id)
-                        await asyncio.sleep(REMOVE_POLL)
-                        continue
-                    await self.supervisor.remove(vm.id)
-                    break
+                    except SupervisorUnavailable as exc:
+                        # Being restarted: wait for it rather than give up until the next start.
+                        log.warning("removing VM %s: %s; trying again", vm.id, exc.message)
+                    await asyncio.sleep(REMOVE_POLL)
                 await self._forget(vm, delete=True)
             log.info("removed VM %s", vm.id)
         except TimeoutError:
-            log.error("VM %s: QEMU still runs %gs after being killed; it stays 'removing' and "
-                      "is retried at start", vm.id, REMOVE_TIMEOUT)
+            log.error("VM %s: not removed within %gs (its QEMU outlived SIGKILL, or the "
+                      "supervisor is down); it stays 'removing' and is retried at start",
+                      vm.id, REMOVE_TIMEOUT)
         except Exception:
             log.exception("removing VM %s failed; it stays 'removing' and is retried at start",
                           vm.id)
