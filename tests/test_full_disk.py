@@ -189,6 +189,21 @@ def test_update_on_a_full_disk_is_507_and_leaves_the_vm_as_it_was(
         assert vm_info(client, vm_id)["configuration"]["user_config"] == "after"
 
 
+def test_start_on_a_full_disk_is_507_and_changes_nothing(
+    daemon: DaemonProcess, disk: SmallDisk
+) -> None:
+    """StartVm whose desired-state write finds no space: 507 naming the file, the VM stays stopped."""
+    with daemon.client() as client:
+        vm_id = create(client, FAKE_IMAGE, stopped=True)
+        files, info = snapshot(disk.root / vm_id), vm_info(client, vm_id)
+        disk.fill()
+        message = storage_error(call(client, "StartVm", {"id": vm_id}))
+        assert message.startswith(f"cannot write {vm_id}/"), message
+        assert snapshot(disk.root / vm_id) == files
+        assert vm_info(client, vm_id) == info
+        disk.free()
+
+
 @pytest.mark.parametrize(("code", "kind"), [
     (errno.ENOSPC, InsufficientStorage), (errno.EDQUOT, InsufficientStorage),
     (errno.EIO, StorageError), (errno.EROFS, StorageError),

@@ -111,6 +111,9 @@ class Unavailable(VmmError):
     code = "UNAVAILABLE"
 
 
+OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 class StorageError(VmmError):
     """A write of the daemon's state failed; the call changed nothing.
 
@@ -128,7 +131,7 @@ class StorageError(VmmError):
     @classmethod
     def of(cls, exc: OSError, path: str) -> StorageError:
         """``exc`` as the error a client sees: InsufficientStorage when space or quota ran out."""
-        kind = InsufficientStorage if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StorageError
+        kind = InsufficientStorage if exc.errno in OUT_OF_SPACE else StorageError
         return kind(path, exc.strerror or type(exc).__name__)
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
@@ -25,7 +27,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from vmm import codec
-from vmm.exceptions import PayloadTooLarge, UnknownMethod, VmmError
+from vmm.exceptions import OUT_OF_SPACE, PayloadTooLarge, StorageError, UnknownMethod, VmmError
 from vmm.rpc import prpc_pb2
 
 log = logging.getLogger(__name__)
@@ -137,9 +139,24 @@ class PrpcBridge:
                 )
         except VmmError as exc:
             return error_parts(exc.message, exc.code, exc.status_code, use_json=use_json)
+        except OSError as exc:
+            if exc.errno not in OUT_OF_SPACE:
+                raise
+            # Any write of state can meet a full disk (vm-state.json at StopVm, serial.log at
+            # StartVm); each is the same condition for the caller, whichever call hit it.
+            error = StorageError.of(exc, _short_path(exc.filename))
+            log.warning("%s: %s", name, error.message)
+            return error_parts(error.message, error.code, error.status_code, use_json=use_json)
         if use_json:
             return 200, JSON_TYPE, codec.to_json_bytes(result)
         return 200, PROTOBUF_TYPE, result.SerializeToString()
+
+
+def _short_path(filename: object) -> str:
+    """The file's last two components (a VM id and a file name): never a whole host path."""
+    if not isinstance(filename, str | bytes):
+        return "state"
+    return "/".join(Path(os.fsdecode(filename)).parts[-2:])
 
 
 def wants_json(request: Request) -> bool:
