@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from guest_proxy.transport import GuestAgentClient, SerialTransport  # noqa: E402
 from tests.support.daemon_proc import start_daemon  # noqa: E402
 from tests.support.guest_image import ensure_guest_image  # noqa: E402
 from tests.support.short_dirs import short_dir  # noqa: E402
-from vmm.guest_channel import GuestAgentClient, SerialTransport  # noqa: E402
 
 COMPOSE = json.dumps({"runner": "docker-compose"})
 

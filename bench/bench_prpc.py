@@ -34,13 +34,13 @@ SERVER = """
 import asyncio, sys
 from starlette.responses import Response
 from starlette.routing import Route
-from vmm import codec
-from vmm._version import __version__, git_revision
-from vmm.app import build_app
-from vmm.config import Config
+from vmm.prpc import codec
+from vmm.core.version import __version__, git_revision
+from vmm.api.app import build_app
+from vmm.core.config import Config
 from vmm.daemon import Daemon
 from vmm.rpc import vmm_rpc_pb2 as pb
-from vmm.server import listeners, serve
+from vmm.api.server import listeners, serve
 
 config = Config(address="tcp:127.0.0.1:" + sys.argv[1], log_level="warning")
 app = build_app(Daemon(config))

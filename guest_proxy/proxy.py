@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, TypeVar
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
-from vmm import codec
-from vmm.exceptions import Conflict, InvalidField, Unavailable
-from vmm.prpc import CallContext
+from vmm.core.exceptions import Conflict, InvalidField, Unavailable
+from vmm.prpc import codec
+from vmm.prpc.bridge import CallContext
 from vmm.rpc import guest_api_pb2 as gpb
 
 if TYPE_CHECKING:
-    from vmm.manager import Manager
+    from vmm.vms.manager import Manager
 
 M = TypeVar("M", bound=Message)
 

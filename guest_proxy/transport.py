@@ -36,7 +36,7 @@ from guest_agent.framing import (
     encode_frame,
     encode_request,
 )
-from vmm.exceptions import Unavailable
+from vmm.core.exceptions import Unavailable
 
 log = logging.getLogger(__name__)
 

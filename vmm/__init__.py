@@ -1,5 +1,5 @@
 """A host daemon that runs confidential VMs with QEMU and speaks the dstack VMM API."""
 
-from vmm._version import __version__
+from vmm.core.version import __version__
 
 __all__ = ["__version__"]

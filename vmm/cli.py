@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from vmm import __version__
-from vmm.config import Config, load_config, parse_address
-from vmm.exceptions import ConfigError
+from vmm.core.config import Config, load_config, parse_address
+from vmm.core.exceptions import ConfigError
 
 log = logging.getLogger("vmm")
 
@@ -24,10 +24,10 @@ def _config_path(explicit: Path | None) -> Path | None:
 
 def cmd_serve(config: Config) -> int:
     # Imported here so check-config stays light.
-    from vmm.app import build_app  # noqa: PLC0415
-    from vmm.auth import warn_if_exposed  # noqa: PLC0415
+    from vmm.api.app import build_app  # noqa: PLC0415
+    from vmm.api.auth import warn_if_exposed  # noqa: PLC0415
+    from vmm.api.server import listeners, serve  # noqa: PLC0415
     from vmm.daemon import Daemon  # noqa: PLC0415
-    from vmm.server import listeners, serve  # noqa: PLC0415
 
     daemon = Daemon(config)
     app = build_app(daemon)
@@ -39,8 +39,8 @@ def cmd_serve(config: Config) -> int:
 
 
 def cmd_check_config(config: Config, path: Path | None) -> int:
-    from vmm.auth import Authenticator  # noqa: PLC0415
-    from vmm.host import detect  # noqa: PLC0415
+    from vmm.api.auth import Authenticator  # noqa: PLC0415
+    from vmm.host.capabilities import detect  # noqa: PLC0415
 
     Authenticator.from_config(config.auth)
     host = detect(config.cvm)

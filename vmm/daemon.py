@@ -7,16 +7,16 @@ import contextlib
 import logging
 from pathlib import Path
 
-from vmm.auth import Authenticator
-from vmm.config import Config, parse_vsock_address
-from vmm.exceptions import ConfigError, SupervisorError
-from vmm.host import HostCapabilities, HostProbe, detect
-from vmm.host_api import host_api_app
-from vmm.kms import KmsClient
-from vmm.limits import ResourceUsage, usage
-from vmm.manager import Manager
-from vmm.server import bind_vsock, serve_quietly
+from vmm.api.auth import Authenticator
+from vmm.api.server import bind_vsock, serve_quietly
+from vmm.core.config import Config, parse_vsock_address
+from vmm.core.exceptions import ConfigError, SupervisorError
+from vmm.guest.host_api import host_api_app
+from vmm.host.capabilities import HostCapabilities, HostProbe, detect
+from vmm.peers.kms import KmsClient
 from vmm.supervisor.client import SupervisorClient, ensure_supervisor
+from vmm.vms.limits import ResourceUsage, usage
+from vmm.vms.manager import Manager
 
 log = logging.getLogger(__name__)
 

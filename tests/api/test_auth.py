@@ -15,9 +15,9 @@ from starlette.types import Receive, Scope, Send
 
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.short_dirs import short_dir
-from vmm.auth import Authenticator, AuthMiddleware, PasswordChecker, load_htpasswd
-from vmm.config import AuthConfig
-from vmm.exceptions import ConfigError
+from vmm.api.auth import Authenticator, AuthMiddleware, PasswordChecker, load_htpasswd
+from vmm.core.config import AuthConfig
+from vmm.core.exceptions import ConfigError
 
 TOKEN = "s3cret-token"
 OTHER_TOKEN = "second-token"

@@ -21,7 +21,7 @@ from tests.support.daemon_proc import start_daemon
 from tests.support.log_server import serve_in_thread
 from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import FAKE_IMAGE, create, rpc, status_of
-from vmm.logs import (
+from vmm.api.logs import (
     CHANNELS,
     HEARTBEAT,
     MAX_PIECE,

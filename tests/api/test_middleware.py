@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from vmm.middleware import RequestIdMiddleware
+from vmm.api.middleware import RequestIdMiddleware
 
 
 async def boom(request: Request) -> Response:
@@ -36,7 +36,7 @@ async def get(path: str, headers: dict[str, str] | None = None) -> httpx.Respons
 
 def test_a_bug_is_a_logged_500_with_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
     """An unexpected exception becomes a JSON 500 naming the request id, logged with a trace."""
-    with caplog.at_level(logging.ERROR, logger="vmm.middleware"):
+    with caplog.at_level(logging.ERROR, logger="vmm.api.middleware"):
         response = asyncio.run(get("/boom", {"X-Request-Id": "req-42"}))
     assert response.status_code == 500
     assert response.headers["x-request-id"] == "req-42"

@@ -13,8 +13,8 @@ import pytest
 
 from tests.support import short_dirs
 from tests.support.daemon_proc import start_daemon, write_config
-from vmm.exceptions import ConfigError
-from vmm.server import bind_tcp, bind_unix
+from vmm.api.server import bind_tcp, bind_unix
+from vmm.core.exceptions import ConfigError
 
 
 @pytest.fixture

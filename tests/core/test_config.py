@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from vmm.config import Config, load_config, parse_address, parse_config
-from vmm.exceptions import ConfigError
+from vmm.core.config import Config, load_config, parse_address, parse_config
+from vmm.core.exceptions import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _all_keys(obj: Any, prefix: str = "") -> set[str]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vmm.exceptions import InvalidField
-from vmm.names import IFNAME, IMAGE_NAME, VM_ID, check_name, child_of, is_valid_name
+from vmm.core.exceptions import InvalidField
+from vmm.core.names import IFNAME, IMAGE_NAME, VM_ID, check_name, child_of, is_valid_name
 
 
 @pytest.mark.parametrize(

@@ -23,13 +23,13 @@ from tests.conftest import populate_images
 from tests.support.daemon_proc import kill_vm_processes
 from tests.support.key_provider_peer import key_provider_peer, sealed_for
 from tests.support.short_dirs import short_dir
-from vmm.config import Config, ImageConfig, KeyProviderConfig, SupervisorConfig
-from vmm.host import detect
-from vmm.host_api import HostApiLink
-from vmm.manager import Manager
+from vmm.core.config import Config, ImageConfig, KeyProviderConfig, SupervisorConfig
+from vmm.guest.host_api import HostApiLink
+from vmm.host.capabilities import detect
+from vmm.model.vm import Vm
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.supervisor.client import ensure_supervisor
-from vmm.vm import Vm
+from vmm.vms.manager import Manager
 
 COMPOSE = json.dumps({"gateway_enabled": True, "runner": "docker-compose"})
 

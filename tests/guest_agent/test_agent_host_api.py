@@ -28,7 +28,7 @@ from guest_agent.host_api import (
 from guest_agent.identity import Identity
 from tests.guest_agent.agent_harness import HostApiPeer, accept, listen_unix
 from tests.support.short_dirs import short_dir
-from vmm import qemu_argv
+from vmm.backend.qemu import argv as qemu_argv
 
 
 @pytest.fixture

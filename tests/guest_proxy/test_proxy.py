@@ -17,7 +17,7 @@ from tests.support.guest_image import ensure_guest_image
 from tests.support.qmp import QMPClient
 from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import rpc, vm_info
-from tests.test_manager import COMPOSE, qemu_config, wait_for
+from tests.vms.test_manager import COMPOSE, qemu_config, wait_for
 from vmm.rpc import guest_api_pb2 as gpb
 
 pytestmark = pytest.mark.qemu

@@ -18,8 +18,7 @@ from guest_agent.framing import (
     encode_frame,
     encode_response,
 )
-from tests.support import short_dirs
-from vmm.guest_channel import (
+from guest_proxy.transport import (
     AgentError,
     ChannelError,
     GuestAgentClient,
@@ -27,6 +26,7 @@ from vmm.guest_channel import (
     VsockHttpTransport,
     vsock_factory,
 )
+from tests.support import short_dirs
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from vmm.config import CvmConfig
-from vmm.exceptions import ConfigError
-from vmm.host import HostProbe, decide, detect
+from vmm.core.config import CvmConfig
+from vmm.core.exceptions import ConfigError
+from vmm.host.capabilities import HostProbe, decide, detect
 
 BARE = HostProbe(cpu_flags=frozenset(), kvm_usable=True, tdx=False, sev_snp=False,
                  vhost_vsock=False, bridges=False)

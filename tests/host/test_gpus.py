@@ -1,7 +1,7 @@
 """GPU discovery and attachment: lspci parsing (real and fixture output), ListGpus filter, NUMA lookup.
 
 The test machine has no GPUs, so GPU behaviour is pinned with the hand-assembled H200 sample in
-tests/fixtures/gpus/ (see its README) and sysfs trees built in tmp_path; the real machine's lspci
+tests/host/fixtures/gpus/ (see its README) and sysfs trees built in tmp_path; the real machine's lspci
 output and /sys/bus/pci/devices check that the parser agrees with the kernel.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from vmm.config import GpuConfig
-from vmm.exceptions import Conflict, InvalidField
-from vmm.gpus import (
+from vmm.core.config import GpuConfig
+from vmm.core.exceptions import Conflict, InvalidField
+from vmm.host.gpus import (
     PciDevice,
     list_gpus,
     numa_node_of,
@@ -25,7 +25,7 @@ from vmm.gpus import (
     read_lspci,
     resolve_attachment,
 )
-from vmm.manifest import GpuAttachment, GpuSpec
+from vmm.model.manifest import GpuAttachment, GpuSpec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gpus"
 SYSFS_PCI = Path("/sys/bus/pci/devices")
@@ -167,7 +167,7 @@ def test_read_lspci_runs_nn_vv(tmp_path: Path) -> None:
 def test_read_lspci_missing_binary(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A missing lspci gives "" and a warning naming it, not an exception."""
     missing = str(tmp_path / "no-such-lspci")
-    with caplog.at_level(logging.WARNING, logger="vmm.gpus"):
+    with caplog.at_level(logging.WARNING, logger="vmm.host.gpus"):
         assert read_lspci(missing) == ""
     assert "not found" in caplog.text
     assert missing in caplog.text
@@ -176,7 +176,7 @@ def test_read_lspci_missing_binary(tmp_path: Path, caplog: pytest.LogCaptureFixt
 def test_read_lspci_failure(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A failing lspci gives "" and logs its exit status and stderr."""
     lspci = _script(tmp_path, 'echo "partial"\necho "pcilib: cannot open /sys/bus/pci" >&2\nexit 1\n')
-    with caplog.at_level(logging.WARNING, logger="vmm.gpus"):
+    with caplog.at_level(logging.WARNING, logger="vmm.host.gpus"):
         assert read_lspci(lspci) == ""
     assert "exited with 1" in caplog.text
     assert "cannot open /sys/bus/pci" in caplog.text
@@ -185,7 +185,7 @@ def test_read_lspci_failure(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
 def test_read_lspci_timeout(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A hung lspci is abandoned after the timeout and gives ""."""
     lspci = _script(tmp_path, "exec sleep 30\n")
-    with caplog.at_level(logging.WARNING, logger="vmm.gpus"):
+    with caplog.at_level(logging.WARNING, logger="vmm.host.gpus"):
         assert read_lspci(lspci, timeout=0.3) == ""
     assert "did not finish" in caplog.text
 
@@ -375,7 +375,7 @@ def test_numa_node_slot_forms(tmp_path: Path) -> None:
 def test_numa_node_garbage(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A numa_node file that is not a number gives node 0 and a warning."""
     sysfs = _sysfs(tmp_path, {"0000:9a:00.0": "banana\n"})
-    with caplog.at_level(logging.WARNING, logger="vmm.gpus"):
+    with caplog.at_level(logging.WARNING, logger="vmm.host.gpus"):
         assert numa_node_of("9a:00.0", sysfs) == 0
     assert "banana" in caplog.text
 

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from vmm.compose import app_id_for, compose_hash, parse_compose, validate_name
-from vmm.exceptions import InvalidField
+from vmm.core.exceptions import InvalidField
+from vmm.model.compose import app_id_for, compose_hash, parse_compose, validate_name
 
 
 def test_hash_and_app_id_follow_the_exact_bytes() -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image, populate_images
-from vmm.exceptions import InvalidField, NotFound
-from vmm.images import ImageError, list_images, load_image
+from vmm.core.exceptions import InvalidField, NotFound
+from vmm.model.images import ImageError, list_images, load_image
 
 
 def test_listing_skips_broken_images(tmp_path: Path) -> None:

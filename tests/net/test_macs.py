@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmm.macs import derive_mac
+from vmm.net.macs import derive_mac
 
 
 def test_dstack_test_vector() -> None:

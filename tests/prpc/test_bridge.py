@@ -14,7 +14,7 @@ from google.protobuf.empty_pb2 import Empty
 
 from tests.support.daemon_proc import DaemonProcess
 from tests.support.kms_peer import expected_answer
-from vmm.prpc import error_parts
+from vmm.prpc.bridge import error_parts
 from vmm.rpc import prpc_pb2
 from vmm.rpc import vmm_rpc_pb2 as pb
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from google.protobuf.empty_pb2 import Empty
 
-from vmm import codec
-from vmm.exceptions import DecodeError, InvalidField
+from vmm.core.exceptions import DecodeError, InvalidField
+from vmm.prpc import codec
 from vmm.rpc import guest_api_pb2 as gpb
 from vmm.rpc import vmm_rpc_pb2 as pb
 

@@ -21,7 +21,7 @@ from tests.support.supervisor_proc import (
     wait_gone,
     wait_status,
 )
-from vmm.exceptions import SupervisorError
+from vmm.core.exceptions import SupervisorError
 from vmm.supervisor.client import SupervisorClient
 
 pytestmark = pytest.mark.anyio

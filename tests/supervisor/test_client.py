@@ -21,7 +21,7 @@ from tests.support.supervisor_proc import (
     sh_config,
     start_ticks,
 )
-from vmm.exceptions import InvalidField, SupervisorError, SupervisorUnavailable
+from vmm.core.exceptions import InvalidField, SupervisorError, SupervisorUnavailable
 from vmm.supervisor.client import (
     RESTART_BACKOFF,
     SupervisorClient,

@@ -25,8 +25,8 @@ import pytest
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import FAKE_IMAGE, call, create, prepare_images, rpc, vm_info
-from vmm.exceptions import InsufficientStorage, StorageError
-from vmm.vm_update import JOURNAL
+from vmm.core.exceptions import InsufficientStorage, StorageError
+from vmm.vms.update import JOURNAL
 
 PAGE = 4096
 TMPFS_BYTES = 2 * 1024 * 1024

@@ -15,7 +15,7 @@ from tests.support.vm_ops import (
     rpc,
     wait_for,
 )
-from vmm.log_rotation import disk_usage, rotate, rotate_if_over
+from vmm.vms.log_rotation import disk_usage, rotate, rotate_if_over
 
 MAX_BYTES = 64 * 1024
 MAX_BACKUPS = 2

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.daemon_proc import DaemonProcess
 from tests.support.vm_ops import COMPOSE, FAKE_IMAGE, call, create, error_of, rpc
-from vmm.manifest import Manifest, ManifestError
+from vmm.model.manifest import Manifest, ManifestError
 
 EVIL = "::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:touch X"
 

@@ -37,8 +37,8 @@ from tests.support.vm_ops import (
     vm_info,
     wait_for,
 )
-from vmm.manifest import DesiredState, Manifest
-from vmm.vm_update import JOURNAL
+from vmm.model.manifest import DesiredState, Manifest
+from vmm.vms.update import JOURNAL
 
 pytestmark = pytest.mark.qemu
 

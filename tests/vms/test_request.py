@@ -14,11 +14,11 @@ from tests.conftest import populate_images
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.root_disk_image import ROOTED_IMAGE, make_root_disk_image
 from tests.support.short_dirs import short_dir
-from vmm.config import Config, PortMappingConfig, PortRange
-from vmm.exceptions import InvalidField
-from vmm.images import load_image
+from vmm.core.config import Config, PortMappingConfig, PortRange
+from vmm.core.exceptions import InvalidField
+from vmm.model.images import load_image
 from vmm.rpc import vmm_rpc_pb2 as pb
-from vmm.vm_request import check_disk_fits_image, check_networks, check_ports
+from vmm.vms.request import check_disk_fits_image, check_networks, check_ports
 
 COMPOSE = json.dumps({"manifest_version": 2, "name": "demo", "runner": "docker-compose"})
 GOOD: dict[str, Any] = {

@@ -32,13 +32,13 @@ from tests.support.vm_ops import (
     vm_info,
     wait_for,
 )
-from vmm.config import Config, ImageConfig, PortMappingConfig, PortRange
-from vmm.exceptions import InvalidField
-from vmm.manifest import Manifest, PortMap
+from vmm.core.config import Config, ImageConfig, PortMappingConfig, PortRange
+from vmm.core.exceptions import InvalidField
+from vmm.model.manifest import Manifest, PortMap
+from vmm.model.vm import Vm
+from vmm.model.workdir import SharedFiles, Workdir, create_workdir
 from vmm.rpc import vmm_rpc_pb2 as pb
-from vmm.vm import Vm
-from vmm.vm_update import JOURNAL, UpdateRequest, finish_pending, plan, stage_update, write_update
-from vmm.workdir import SharedFiles, Workdir, create_workdir
+from vmm.vms.update import JOURNAL, UpdateRequest, finish_pending, plan, stage_update, write_update
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from guest_proxy.proxy import GuestProxyServicer
-from vmm.auth import AuthMiddleware
+from vmm.api.auth import AuthMiddleware
+from vmm.api.logs import logs_route
+from vmm.api.middleware import RequestIdMiddleware
+from vmm.api.servicer import VmmServicer
 from vmm.daemon import Daemon
-from vmm.logs import logs_route
-from vmm.middleware import RequestIdMiddleware
-from vmm.prpc import PrpcBridge, error_payload
+from vmm.prpc.bridge import PrpcBridge, error_payload
 from vmm.rpc import guest_api_pb2, vmm_rpc_pb2
-from vmm.servicer import VmmServicer
 
 
 def build_app(daemon: Daemon) -> Starlette:

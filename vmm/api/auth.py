@@ -39,8 +39,8 @@ from urllib.parse import parse_qsl, urlencode
 import bcrypt
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from vmm.config import AuthConfig
-from vmm.exceptions import ConfigError, Unauthorized, Unavailable
+from vmm.core.config import AuthConfig
+from vmm.core.exceptions import ConfigError, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
 

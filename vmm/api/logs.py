@@ -31,8 +31,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from vmm.exceptions import BadRequest, InvalidField, VmmError, VmNotFound
-from vmm.prpc import error_payload
+from vmm.core.exceptions import BadRequest, InvalidField, VmmError, VmNotFound
+from vmm.prpc.bridge import error_payload
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vmm._version import __version__
+from vmm.core.version import __version__
 
 log = logging.getLogger(__name__)
 

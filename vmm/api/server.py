@@ -16,9 +16,9 @@ from pathlib import Path
 import uvicorn
 from starlette.types import ASGIApp
 
-from vmm.config import Config, parse_address
-from vmm.exceptions import ConfigError
-from vmm.unix_socket import SocketPathTaken, bind_private
+from vmm.core.config import Config, parse_address
+from vmm.core.exceptions import ConfigError
+from vmm.core.unix_socket import SocketPathTaken, bind_private
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,16 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.empty_pb2 import Empty
 
-from vmm import compose, gpus, images, reconcile, vm_update
-from vmm._version import __version__, git_revision
-from vmm.exceptions import Conflict, InvalidField, NotFound, NotImplementedYet
-from vmm.names import VM_ID, check_name
-from vmm.prpc import CallContext
+from vmm.core.exceptions import Conflict, InvalidField, NotFound, NotImplementedYet
+from vmm.core.names import VM_ID, check_name
+from vmm.core.version import __version__, git_revision
+from vmm.host import gpus
+from vmm.model import compose, images
+from vmm.prpc.bridge import CallContext
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.supervisor.types import ProcessInfo
+from vmm.vms import reconcile
+from vmm.vms import update as vm_update
 
 if TYPE_CHECKING:
     from vmm.daemon import Daemon

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from vmm.qemu_argv import LaunchSpec
+from vmm.backend.qemu.argv import LaunchSpec
 
 RuntimeStatus = Literal["running", "stopped", "exited", "error"]
 

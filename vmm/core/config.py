@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from vmm._typed_toml import Size, build
-from vmm.exceptions import ConfigError
+from vmm.core.exceptions import ConfigError
+from vmm.core.typed_toml import Size, build
 
 DEFAULT_ADDRESS = "tcp:127.0.0.1:9080"
 STATE_DIR = "./.state"

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmm.exceptions import InvalidField
+from vmm.core.exceptions import InvalidField
 
 
 @dataclass(frozen=True)

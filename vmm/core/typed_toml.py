@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-from vmm.exceptions import ConfigError
+from vmm.core.exceptions import ConfigError
 
 T = TypeVar("T")
 

@@ -37,15 +37,15 @@ from guest_agent.framing import (
     encode_frame,
     encode_response,
 )
-from vmm._version import __version__
-from vmm.config import Config
-from vmm.exceptions import BadRequest, Conflict, Unavailable, VmNotFound
-from vmm.prpc import JSON_TYPE, CallContext, PrpcBridge, call_context, read_body, wants_json
+from vmm.core.config import Config
+from vmm.core.exceptions import BadRequest, Conflict, Unavailable, VmNotFound
+from vmm.core.version import __version__
+from vmm.prpc.bridge import JSON_TYPE, CallContext, PrpcBridge, call_context, read_body, wants_json
 from vmm.rpc import host_api_pb2 as hpb
 
 if TYPE_CHECKING:
-    from vmm.manager import Manager
-    from vmm.vm import Vm
+    from vmm.model.vm import Vm
+    from vmm.vms.manager import Manager
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from vmm import qemu_argv
-from vmm.compose import parse_compose
-from vmm.config import Config
-from vmm.exceptions import InvalidField
-from vmm.guest_channel import (
+from guest_proxy.transport import (
     AGENT_VSOCK_PORT,
     GuestAgentClient,
     SerialTransport,
@@ -26,14 +22,18 @@ from vmm.guest_channel import (
     VsockHttpTransport,
     vsock_factory,
 )
-from vmm.host import HostCapabilities
-from vmm.host_api import HostApiLink, HostApiServicer
-from vmm.prpc import PrpcBridge
+from vmm.backend.qemu import argv as qemu_argv
+from vmm.core.config import Config
+from vmm.core.exceptions import InvalidField
+from vmm.guest.host_api import HostApiLink, HostApiServicer
+from vmm.host.capabilities import HostCapabilities
+from vmm.model.compose import parse_compose
+from vmm.prpc.bridge import PrpcBridge
 from vmm.rpc import host_api_pb2
 
 if TYPE_CHECKING:
-    from vmm.manager import Manager
-    from vmm.vm import Vm
+    from vmm.model.vm import Vm
+    from vmm.vms.manager import Manager
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from vmm.config import CvmConfig
-from vmm.exceptions import ConfigError
+from vmm.core.config import CvmConfig
+from vmm.core.exceptions import ConfigError
 
 log = logging.getLogger(__name__)
 

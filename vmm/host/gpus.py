@@ -20,9 +20,9 @@ import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vmm.config import GpuConfig
-from vmm.exceptions import Conflict, InvalidField
-from vmm.manifest import GpuAttachment
+from vmm.core.config import GpuConfig
+from vmm.core.exceptions import Conflict, InvalidField
+from vmm.model.manifest import GpuAttachment
 
 log = logging.getLogger(__name__)
 

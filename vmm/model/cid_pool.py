@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from vmm.exceptions import ResourceExhausted
+from vmm.core.exceptions import ResourceExhausted
 
 
 class CidPool:

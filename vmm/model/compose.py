@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from vmm.exceptions import InvalidField
+from vmm.core.exceptions import InvalidField
 
 NAME_RE = re.compile(r"^[A-Za-z0-9\-_. @~!$^()]+$")
 MAX_NAME = 256

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmm.exceptions import BadRequest, Conflict, InvalidField, NotFound
-from vmm.names import IMAGE_NAME, child_of
+from vmm.core.exceptions import BadRequest, Conflict, InvalidField, NotFound
+from vmm.core.names import IMAGE_NAME, child_of
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vmm.guest_channel import GuestAgentClient
-from vmm.host_api import HostApiLink
-from vmm.manifest import Manifest
+from guest_proxy.transport import GuestAgentClient
+from vmm.guest.host_api import HostApiLink
+from vmm.model.manifest import Manifest
+from vmm.model.workdir import SharedFiles, Workdir
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.supervisor.types import ProcessInfo
-from vmm.workdir import SharedFiles, Workdir
 
 VmStatus = Literal["running", "exited", "stopping", "stopped", "removing"]
 

@@ -15,10 +15,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmm.exceptions import StorageError
-from vmm.fsutil import atomic_write, fsync_dir
-from vmm.manifest import DesiredState, Manifest
-from vmm.names import VM_ID, child_of
+from vmm.core.exceptions import StorageError
+from vmm.core.fsutil import atomic_write, fsync_dir
+from vmm.core.names import VM_ID, child_of
+from vmm.model.manifest import DesiredState, Manifest
 
 CREATING_PREFIX = ".creating-"
 

@@ -12,8 +12,8 @@ import json
 
 import httpx
 
-from vmm import codec
-from vmm.exceptions import Conflict, Unavailable
+from vmm.core.exceptions import Conflict, Unavailable
+from vmm.prpc import codec
 from vmm.rpc import vmm_rpc_pb2 as pb
 
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)

@@ -26,8 +26,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from vmm import codec
-from vmm.exceptions import OUT_OF_SPACE, PayloadTooLarge, StorageError, UnknownMethod, VmmError
+from vmm.core.exceptions import OUT_OF_SPACE, PayloadTooLarge, StorageError, UnknownMethod, VmmError
+from vmm.prpc import codec
 from vmm.rpc import prpc_pb2
 
 log = logging.getLogger(__name__)

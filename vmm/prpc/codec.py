@@ -23,7 +23,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message
 
-from vmm.exceptions import DecodeError, InvalidField
+from vmm.core.exceptions import DecodeError, InvalidField
 
 EMPTY_FULL_NAME = "google.protobuf.Empty"
 

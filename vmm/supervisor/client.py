@@ -22,8 +22,8 @@ from urllib.parse import quote
 import httpx
 
 import vmm
-from vmm.exceptions import SupervisorError, SupervisorUnavailable
-from vmm.names import VM_ID, check_name
+from vmm.core.exceptions import SupervisorError, SupervisorUnavailable
+from vmm.core.names import VM_ID, check_name
 from vmm.supervisor.process_table import STOP_TIMEOUT
 from vmm.supervisor.types import ProcessConfig, ProcessInfo
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from vmm.fsutil import atomic_write
+from vmm.core.fsutil import atomic_write
 
 __all__ = ["atomic_write", "open_append"]
 

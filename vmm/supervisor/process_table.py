@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vmm.exceptions import BadRequest, Conflict, NotFound
+from vmm.core.exceptions import BadRequest, Conflict, NotFound
 from vmm.supervisor.files import atomic_write, open_append
 from vmm.supervisor.procfs import read_stat
 from vmm.supervisor.types import ProcessConfig, ProcessInfo, ProcessState, Status

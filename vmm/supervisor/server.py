@@ -38,12 +38,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from vmm.exceptions import BadRequest, VmmError
-from vmm.names import VM_ID, check_name
+from vmm.core.exceptions import BadRequest, VmmError
+from vmm.core.names import VM_ID, check_name
+from vmm.core.unix_socket import SocketPathTaken, bind_private
 from vmm.supervisor.files import atomic_write
 from vmm.supervisor.process_table import ProcessTable
 from vmm.supervisor.types import ProcessConfig
-from vmm.unix_socket import SocketPathTaken, bind_private
 
 log = logging.getLogger("vmm.supervisor")
 

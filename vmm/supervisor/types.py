@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from vmm.names import VM_ID, check_name
+from vmm.core.names import VM_ID, check_name
 
 Status = Literal["running", "stopped", "exited", "error"]
 STATUSES: tuple[Status, ...] = ("running", "stopped", "exited", "error")

@@ -27,12 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vmm.config import AutoRestartConfig
-from vmm.exceptions import VmmError
+from vmm.core.config import AutoRestartConfig
+from vmm.core.exceptions import VmmError
 
 if TYPE_CHECKING:
-    from vmm.manager import Manager
-    from vmm.vm import Vm
+    from vmm.model.vm import Vm
+    from vmm.vms.manager import Manager
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from vmm.config import Config
-from vmm.exceptions import ResourceExhausted
-from vmm.vm import Vm
+from vmm.core.config import Config
+from vmm.core.exceptions import ResourceExhausted
+from vmm.model.vm import Vm
 
 
 @dataclass(frozen=True)

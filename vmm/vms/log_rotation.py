@@ -28,10 +28,10 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from vmm.config import LogConfig
-from vmm.fsutil import fsync_dir
-from vmm.vm import Vm
-from vmm.workdir import Workdir
+from vmm.core.config import LogConfig
+from vmm.core.fsutil import fsync_dir
+from vmm.model.vm import Vm
+from vmm.model.workdir import Workdir
 
 log = logging.getLogger(__name__)
 

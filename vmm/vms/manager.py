@@ -27,12 +27,10 @@ from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
-from vmm import gpus, limits, log_rotation, qemu_argv, reconcile
-from vmm.auto_restart import AutoRestart
-from vmm.cid_pool import CidPool
-from vmm.compose import compose_hash
-from vmm.config import Config
-from vmm.exceptions import (
+from vmm.backend.qemu import argv as qemu_argv
+from vmm.backend.qemu.qmp import qmp_execute
+from vmm.core.config import Config
+from vmm.core.exceptions import (
     Conflict,
     InvalidField,
     StorageError,
@@ -41,18 +39,22 @@ from vmm.exceptions import (
     Unavailable,
     VmNotFound,
 )
-from vmm.host import HostCapabilities
-from vmm.images import Image
-from vmm.manifest import DesiredState, ManifestError, PortMap
-from vmm.names import VM_ID, is_valid_name
-from vmm.qmp import qmp_execute
+from vmm.core.names import VM_ID, is_valid_name
+from vmm.guest.hub import ChannelHub
+from vmm.host import gpus
+from vmm.host.capabilities import HostCapabilities
+from vmm.model.cid_pool import CidPool
+from vmm.model.compose import compose_hash
+from vmm.model.images import Image
+from vmm.model.manifest import DesiredState, ManifestError, PortMap
+from vmm.model.vm import Vm, process_note
+from vmm.model.workdir import Workdir, create_workdir, shown_path
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.supervisor.client import SupervisorClient
 from vmm.supervisor.types import ProcessConfig, ProcessInfo
-from vmm.vm import Vm, process_note
-from vmm.vm_channels import ChannelHub
-from vmm.vm_request import build_vm, describe_port, find_image, ports_clash
-from vmm.workdir import Workdir, create_workdir, shown_path
+from vmm.vms import limits, log_rotation, reconcile
+from vmm.vms.auto_restart import AutoRestart
+from vmm.vms.request import build_vm, describe_port, find_image, ports_clash
 
 log = logging.getLogger(__name__)
 

@@ -38,16 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmm.exceptions import InvalidField, SupervisorError, VmmError
-from vmm.manifest import DesiredState, Manifest, ManifestError
+from vmm.core.exceptions import InvalidField, SupervisorError, VmmError
+from vmm.model.manifest import DesiredState, Manifest, ManifestError
+from vmm.model.workdir import SharedFiles, Workdir, clean_staging
 from vmm.supervisor.types import ProcessInfo
-from vmm.vm_request import find_image
-from vmm.vm_update import finish_pending
-from vmm.workdir import SharedFiles, Workdir, clean_staging
+from vmm.vms.request import find_image
+from vmm.vms.update import finish_pending
 
 if TYPE_CHECKING:
-    from vmm.manager import Manager
-    from vmm.vm import Vm
+    from vmm.model.vm import Vm
+    from vmm.vms.manager import Manager
 
 log = logging.getLogger(__name__)
 

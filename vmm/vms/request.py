@@ -12,14 +12,14 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from vmm import compose
-from vmm.config import Config
-from vmm.exceptions import InvalidField, NotFound
-from vmm.images import Image, ImageError, load_image, root_disk_size
-from vmm.manifest import GpuAttachment, GpuSpec, Manifest, Network, PortMap
-from vmm.names import IFNAME, check_name
+from vmm.core.config import Config
+from vmm.core.exceptions import InvalidField, NotFound
+from vmm.core.names import IFNAME, check_name
+from vmm.model import compose
+from vmm.model.images import Image, ImageError, load_image, root_disk_size
+from vmm.model.manifest import GpuAttachment, GpuSpec, Manifest, Network, PortMap
+from vmm.model.workdir import SharedFiles
 from vmm.rpc import vmm_rpc_pb2 as pb
-from vmm.workdir import SharedFiles
 
 MAX_USER_CONFIG = 1024 * 1024
 GIB = 1024**3

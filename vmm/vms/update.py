@@ -51,12 +51,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmm import compose, limits
-from vmm.exceptions import BadRequest, Conflict, InvalidField, StorageError
-from vmm.fsutil import atomic_write, fsync_dir, write_synced
-from vmm.manifest import GpuAttachment, Manifest, Network, PortMap
+from vmm.core.exceptions import BadRequest, Conflict, InvalidField, StorageError
+from vmm.core.fsutil import atomic_write, fsync_dir, write_synced
+from vmm.model import compose
+from vmm.model.manifest import GpuAttachment, Manifest, Network, PortMap
+from vmm.model.workdir import SharedFiles, Workdir, shown_path
 from vmm.rpc import vmm_rpc_pb2 as pb
-from vmm.vm_request import (
+from vmm.vms import limits
+from vmm.vms.request import (
     MAX_USER_CONFIG,
     check_disk_fits_image,
     check_gpus,
@@ -66,12 +68,11 @@ from vmm.vm_request import (
     check_urls,
     find_image,
 )
-from vmm.workdir import SharedFiles, Workdir, shown_path
 
 if TYPE_CHECKING:
-    from vmm.config import Config
-    from vmm.manager import Manager
-    from vmm.vm import Vm
+    from vmm.core.config import Config
+    from vmm.model.vm import Vm
+    from vmm.vms.manager import Manager
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ async def apply(manager: Manager, req: UpdateRequest) -> Plan:
     """Check, write (journaled) and cache an update of one VM; return what was done."""
     # Uses the manager's lock and checks directly: this module is the manager's update path,
     # kept apart so the lifecycle module stays readable.
-    from vmm.manager import _run  # noqa: PLC0415  # the manager imports this module's users
+    from vmm.vms.manager import _run  # noqa: PLC0415  # the manager imports this module's users
 
     vm = manager.get(req.id)
     async with vm.lock:

@@ -1,7 +1,7 @@
 """The QEMU command line: golden argv per platform, targeted rules, and one real QEMU start.
 
 Regenerate the golden files after an intended change with
-``VMM_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_qemu_argv.py`` and review the diff;
+``VMM_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/backend/qemu/test_argv.py`` and review the diff;
 a normal run only compares.
 """
 
@@ -23,18 +23,7 @@ from typing import Any
 import pytest
 
 from tests.support.short_dirs import short_dir
-from vmm.config import (
-    Config,
-    GpuConfig,
-    NetworkingConfig,
-    PortMappingConfig,
-    ProductConfig,
-)
-from vmm.host import HostCapabilities
-from vmm.images import Image
-from vmm.macs import derive_mac
-from vmm.manifest import Manifest, Network, PortMap
-from vmm.qemu_argv import (
+from vmm.backend.qemu.argv import (
     AGENT_SOCKET,
     HOST_API_SOCKET,
     QMP_SOCKET,
@@ -44,8 +33,19 @@ from vmm.qemu_argv import (
     qemu_img_create_argv,
     resolve_networks,
 )
+from vmm.core.config import (
+    Config,
+    GpuConfig,
+    NetworkingConfig,
+    PortMappingConfig,
+    ProductConfig,
+)
+from vmm.host.capabilities import HostCapabilities
+from vmm.model.images import Image
+from vmm.model.manifest import Manifest, Network, PortMap
+from vmm.net.macs import derive_mac
 
-GOLDEN = Path(__file__).parent / "golden" / "qemu"
+GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("VMM_UPDATE_GOLDEN") == "1"
 WD = Path("/var/lib/vmm/run/0b6e-vm")
 IMG = Path("/var/lib/vmm/images/dstack-0.5.4")

@@ -45,11 +45,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmm.config import Config, CvmConfig, NetworkingConfig, ProductConfig, parse_mac_prefix
-from vmm.host import HostCapabilities, Tee
-from vmm.images import Image
-from vmm.macs import derive_mac
-from vmm.manifest import Manifest, NetMode, Network, PortMap
+from vmm.core.config import Config, CvmConfig, NetworkingConfig, ProductConfig, parse_mac_prefix
+from vmm.host.capabilities import HostCapabilities, Tee
+from vmm.model.images import Image
+from vmm.model.manifest import Manifest, NetMode, Network, PortMap
+from vmm.net.macs import derive_mac
 
 AGENT_SOCKET = "agent.sock"
 HOST_API_SOCKET = "host-api.sock"

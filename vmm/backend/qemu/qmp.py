@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vmm.exceptions import Unavailable
+from vmm.core.exceptions import Unavailable
 
 TIMEOUT = 5.0
 

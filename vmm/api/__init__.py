@@ -1,0 +1,1 @@
+"""The HTTP surface: the Starlette app, the servicer, /logs, auth, middleware, listeners."""

@@ -1,0 +1,1 @@
+"""What this host can do: accelerator, TEE platform, guest channel, GPUs."""

@@ -1,0 +1,1 @@
+"""What a VM is: manifest, compose, images, work directory, in-memory record, CID pool."""

@@ -1,0 +1,1 @@
+"""Networking of VMs: MAC addresses, NIC resolution, host-port checks."""

@@ -1,0 +1,1 @@
+"""Clients of the services a VM manager talks to: the KMS."""

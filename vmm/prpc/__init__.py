@@ -1,0 +1,1 @@
+"""The /prpc bridge (descriptor-driven dispatch) and dstack's JSON/protobuf codec."""

@@ -1,0 +1,1 @@
+"""The lifecycle layer: the VM registry, reconciliation, updates, limits, restarts, logs."""
