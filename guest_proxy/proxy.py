@@ -9,18 +9,16 @@ is a clear 409 or 503 naming the state: never a hang.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
-from vmm.core.exceptions import Conflict, InvalidField, Unavailable
+from guest_proxy.transport import GuestAgentClient
+from vmm.core.exceptions import InvalidField, Unavailable
 from vmm.prpc import codec
 from vmm.prpc.bridge import CallContext
 from vmm.rpc import guest_api_pb2 as gpb
-
-if TYPE_CHECKING:
-    from vmm.vms.manager import Manager
 
 M = TypeVar("M", bound=Message)
 
@@ -28,26 +26,26 @@ AGENT_TIMEOUT = 10.0
 
 
 class GuestProxyServicer:
-    def __init__(self, manager: Callable[[], Manager], timeout: float = AGENT_TIMEOUT) -> None:
-        # A getter: the manager exists only once the daemon has started.
-        self._manager = manager
+    def __init__(
+        self, agent_for: Callable[[str], GuestAgentClient], timeout: float = AGENT_TIMEOUT
+    ) -> None:
+        # agent_for(vm_id) raises NotFound for an unknown VM and Conflict for one not running.
+        self._agent_for = agent_for
         self.timeout = timeout
 
     async def _forward(self, method: str, request: gpb.Id, output: type[M]) -> M:
         if not request.id:
             raise InvalidField("id", "is required")
-        manager = self._manager()
-        vm = manager.get(request.id)
-        if not vm.running:
-            raise Conflict(f"VM {vm.id} is not running (status: {vm.status})")
+        vm_id = request.id
+        agent = self._agent_for(vm_id)
         try:
-            value = await manager.channels.agent(vm).call(method, timeout=self.timeout)
+            value = await agent.call(method, timeout=self.timeout)
         except Unavailable as exc:
-            raise Unavailable(f"guest agent of VM {vm.id} did not answer {method}: {exc.message}") from None
+            raise Unavailable(f"guest agent of VM {vm_id} did not answer {method}: {exc.message}") from None
         try:
             message = codec.from_json_value(value, output)
         except ValueError as exc:
-            raise Unavailable(f"guest agent of VM {vm.id} sent a malformed {method} answer: {exc}") from None
+            raise Unavailable(f"guest agent of VM {vm_id} sent a malformed {method} answer: {exc}") from None
         assert isinstance(message, output)
         return message
 

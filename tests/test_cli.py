@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.daemon_proc import checkout_env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_vmm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vmm", *args], cwd=cwd, capture_output=True, text=True,
-        timeout=60, check=False,
+        timeout=60, check=False, env=checkout_env(),
     )
 
 

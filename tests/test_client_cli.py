@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon_proc import DaemonProcess
+from tests.support.daemon_proc import DaemonProcess, checkout_env
 from tests.support.idle_image import IDLE_IMAGE
 from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import idle_daemon, status_of, wait_for
@@ -33,7 +33,7 @@ def cli(daemon: DaemonProcess, *args: str, url: str | None = None,
     return subprocess.run(
         [sys.executable, "-m", "vmm.client_cli", "--url", url or daemon.base_url,
          "--token", token, *args],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=120, check=False, env=checkout_env(),
     )
 
 

@@ -1,4 +1,8 @@
-"""The daemon object: the parts that live as long as the process, built once from the config."""
+"""The daemon object: the parts that live as long as the process, built once from the config.
+
+The composition root: host facts, peers and auth in ``__init__``; ``start`` opens the backend
+that ``[cvm] backend`` names (``backend.select``), builds the Manager over it and loads the VMs.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,13 @@ from pathlib import Path
 
 from vmm.api.auth import Authenticator
 from vmm.api.server import bind_vsock, serve_quietly
+from vmm.backend.base import VmBackend
+from vmm.backend.select import open_backend
 from vmm.core.config import Config, parse_vsock_address
-from vmm.core.exceptions import ConfigError, SupervisorError
+from vmm.core.exceptions import ConfigError
 from vmm.guest.host_api import host_api_app
 from vmm.host.capabilities import HostCapabilities, HostProbe, detect
 from vmm.peers.kms import KmsClient
-from vmm.supervisor.client import SupervisorClient, ensure_supervisor
 from vmm.vms.limits import ResourceUsage, usage
 from vmm.vms.manager import Manager
 
@@ -37,12 +42,15 @@ class Daemon:
                 f"`run_path`: {run_path} is too long for the VMs' Unix sockets "
                 f"(at most {_UNIX_PATH_MAX - _LONGEST_VM_SOCKET} characters)"
             )
-        sv = config.supervisor
-        self._sv_paths = (Path(sv.sock).absolute(), Path(sv.pid_file).absolute(),
-                          Path(sv.log_file).absolute(), Path(sv.state_file).absolute())
         self._manager: Manager | None = None
-        self._supervisor: SupervisorClient | None = None
+        self._backend: VmBackend | None = None
         self._host_api_task: asyncio.Task[None] | None = None
+
+    @property
+    def backend(self) -> VmBackend:
+        if self._backend is None:
+            raise RuntimeError("the daemon has not started")
+        return self._backend
 
     @property
     def manager(self) -> Manager:
@@ -56,20 +64,9 @@ class Daemon:
             self.host.accel, self.host.tee, self.host.channel, self.host.cpu_model,
             self.host.qemu_path or "(not found)", self.host.qemu_version,
         )
-        sock, pid_file, log_file, state_file = self._sv_paths
-        if self.config.supervisor.auto_start:
-            # The daemon started it, so it also starts a new one should it die (a crash, an OOM
-            # kill): without one no VM can be started, stopped or even listed.
-            self._supervisor = await ensure_supervisor(
-                sock, pid_file, log_file, state_file=state_file, restart=True
-            )
-        else:
-            self._supervisor = SupervisorClient(sock)
-            if not await self._supervisor.ping():
-                raise SupervisorError(
-                    f"no supervisor answers on {sock} and supervisor.auto_start is false"
-                )
-        self._manager = Manager(self.config, self.host, self._supervisor)
+        self._backend = await open_backend(self.config, self.host)
+        log.info("backend: %s", self._backend.info.name)
+        self._manager = Manager(self.config, self.host, self._backend)
         await self._manager.load_all()
         self._manager.start_watching()
         if self.host.channel == "vsock":
@@ -84,15 +81,15 @@ class Daemon:
         log.info("host API on vsock:%s port %d", api.address, api.port)
 
     async def stop(self) -> None:
-        # VMs keep running: they belong to the supervisor, which outlives us on purpose.
+        # VMs keep running: they belong to the backend, which outlives us on purpose.
         if self._host_api_task is not None:
             self._host_api_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._host_api_task
         if self._manager is not None:
             await self._manager.close()
-        if self._supervisor is not None:
-            await self._supervisor.aclose()
+        if self._backend is not None:
+            await self._backend.close()
         await self.kms.aclose()
 
     def resource_usage(self) -> ResourceUsage:

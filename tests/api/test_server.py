@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import short_dirs
-from tests.support.daemon_proc import start_daemon, write_config
+from tests.support.daemon_proc import checkout_env, start_daemon, write_config
 from vmm.api.server import bind_tcp, bind_unix
 from vmm.core.exceptions import ConfigError
 
@@ -46,6 +46,7 @@ def test_live_socket_is_not_replaced(short_dir: Path) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "vmm", "-c", str(config), "serve"],
             cwd=short_dir / "second", capture_output=True, text=True, timeout=60, check=False,
+            env=checkout_env(),
         )
         assert result.returncode == 2
         assert "another process is already listening" in result.stderr
@@ -113,6 +114,7 @@ def test_tcp_port_in_use_is_a_clear_error(short_dir: Path) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "vmm", "-c", str(config), "serve"],
             cwd=short_dir, capture_output=True, text=True, timeout=60, check=False,
+            env=checkout_env(),
         )
     finally:
         taken.close()

@@ -23,6 +23,7 @@ from tests.conftest import populate_images
 from tests.support.daemon_proc import kill_vm_processes
 from tests.support.key_provider_peer import key_provider_peer, sealed_for
 from tests.support.short_dirs import short_dir
+from vmm.backend.qemu.backend import QemuBackend
 from vmm.core.config import Config, ImageConfig, KeyProviderConfig, SupervisorConfig
 from vmm.guest.host_api import HostApiLink
 from vmm.host.capabilities import detect
@@ -89,7 +90,7 @@ async def with_link(state: Path, key_provider: KeyProviderConfig, scenario: Any)
         Path(config.supervisor.sock), Path(config.supervisor.pid_file),
         Path(config.supervisor.log_file), state_file=Path(config.supervisor.state_file),
     )
-    manager = Manager(config, detect(config.cvm), supervisor)
+    manager = Manager(config, detect(config.cvm), QemuBackend(config, supervisor))
     vm_id = await manager.create(pb.VmConfiguration(
         name="guest", image="dstack-dev-0.5.4", compose_file=COMPOSE, vcpu=1, memory=256,
         disk_size=1, stopped=True,

@@ -184,9 +184,11 @@ def dump_toml(table: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
-def _repo_first_on_path() -> str:
-    """The checkout under test first: an editable install may point at another checkout."""
-    return os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+def checkout_env() -> dict[str, str]:
+    """The environment for a ``python -m vmm...`` child: the checkout under test first on its
+    path, since an editable install may point at another checkout."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def start_daemon(
@@ -212,7 +214,7 @@ def start_daemon(
         cwd=workdir,
         stdout=log_file,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": _repo_first_on_path(), **(env or {})},
+        env={**checkout_env(), **(env or {})},
     )
     log_file.close()
     daemon = DaemonProcess(proc=proc, workdir=workdir, log_path=log_path, log_offset=offset)

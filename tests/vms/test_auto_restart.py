@@ -27,7 +27,7 @@ from tests.support.vm_ops import (
     vm_info,
     wait_for,
 )
-from vmm.auto_restart import backoff_delay
+from vmm.vms.auto_restart import backoff_delay
 
 pytestmark = pytest.mark.qemu
 

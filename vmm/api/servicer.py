@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.empty_pb2 import Empty
 
+from vmm.backend.qemu.backend import QemuBackend
 from vmm.core.exceptions import Conflict, InvalidField, NotFound, NotImplementedYet
 from vmm.core.names import VM_ID, check_name
 from vmm.core.version import __version__, git_revision
@@ -22,6 +23,7 @@ from vmm.host import gpus
 from vmm.model import compose, images
 from vmm.prpc.bridge import CallContext
 from vmm.rpc import vmm_rpc_pb2 as pb
+from vmm.supervisor.client import SupervisorClient
 from vmm.supervisor.types import ProcessInfo
 from vmm.vms import reconcile
 from vmm.vms import update as vm_update
@@ -71,6 +73,7 @@ class VmmServicer:
         cvm = self.config.cvm
         host = self.daemon.host
         usage = self.daemon.resource_usage()
+        backend = self.daemon.backend.info
         net = cvm.networking
         modes = ["user"]
         if net.bridge or host.bridges:
@@ -106,6 +109,10 @@ class VmmServicer:
                 guest_channel=host.channel,
                 qemu_version=host.qemu_version,
                 cpu_model=host.cpu_model,
+                backend=backend.name,
+                backend_version=backend.version,
+                backend_features=backend.features,
+                backend_unsupported=backend.unsupported,
             ),
         )
 
@@ -201,15 +208,24 @@ class VmmServicer:
 
     # -- the supervisor's process table ---------------------------------------------------------
 
+    # -- supervisor: extras of the QEMU backend -------------------------------------------------
+
+    def _supervisor(self) -> SupervisorClient:
+        backend = self.daemon.backend
+        if not isinstance(backend, QemuBackend):
+            raise Conflict(f"the Sv* RPCs manage the QEMU backend's supervisor; this daemon "
+                           f"runs VMs with the {backend.info.name} backend")
+        return backend.supervisor
+
     async def _sv_process(self, request: pb.Id) -> ProcessInfo:
         process_id = _vm_id(request)
-        info = await self.daemon.manager.supervisor.info(process_id)
+        info = await self._supervisor().info(process_id)
         if info is None:
             raise NotFound(f"Supervisor process not found: {process_id!r}")
         return info
 
     async def SvList(self, request: Empty, ctx: CallContext) -> pb.SvListResponse:
-        processes = await self.daemon.manager.supervisor.list()
+        processes = await self._supervisor().list()
         return pb.SvListResponse(processes=[_sv_process(p) for p in processes])
 
     async def SvStop(self, request: pb.Id, ctx: CallContext) -> Empty:
@@ -219,7 +235,7 @@ class VmmServicer:
         if vm is not None:
             await manager.stop(process_id)  # keeps the VM's desired state honest
         else:
-            await manager.supervisor.stop(process_id)
+            await self._supervisor().stop(process_id)
         return Empty()
 
     async def SvRemove(self, request: pb.Id, ctx: CallContext) -> Empty:
@@ -229,7 +245,7 @@ class VmmServicer:
         vm = manager.vms.get(process_id)
         if info.state.status == "running" or (vm is not None and vm.started):
             raise Conflict(f"process {process_id} is running or should run; stop it first")
-        await manager.supervisor.remove(process_id)
+        await self._supervisor().remove(process_id)
         return Empty()
 
     # -- images ---------------------------------------------------------------------------------

@@ -6,36 +6,52 @@ and talks QMP, the libvirt backend defines a domain and asks libvirtd. Both are 
 resolved description of the VM (``LaunchSpec``) and report what runs in the same shape
 (``Runtime``), so reconciliation, limits, auto-restart and Status do not know which one is active.
 
-A backend owns its VMs across daemon restarts: ``runtimes`` must report every VM it still runs
-(by VM id) so the daemon can adopt them after a restart.
+A backend owns its VMs across daemon restarts: ``runtimes`` reports every VM it still has (by VM
+id), so the daemon adopts them after a restart. Backends are chosen by ``[cvm] backend`` in one
+place, ``vmm.backend.select``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Protocol
 
-from vmm.backend.qemu.argv import LaunchSpec
+from vmm.host.capabilities import HostCapabilities
+from vmm.model.images import Image
+from vmm.model.manifest import Manifest
+from vmm.model.runtime import Runtime
 
-RuntimeStatus = Literal["running", "stopped", "exited", "error"]
+
+def _node_zero(slot: str) -> int:
+    return 0
+
+
+def _cpus_of_node_zero(node: int) -> str:
+    return "0"
 
 
 @dataclass(frozen=True)
-class Runtime:
-    """What a backend knows of one VM's QEMU: enough for Status, adoption and reconciliation."""
+class LaunchSpec:
+    """Everything a backend needs to run one VM, resolved by the lifecycle layer at each start.
 
-    status: RuntimeStatus
-    pid: int | None = None
-    started_at: float | None = None  # wall-clock seconds, for uptime
-    exit_code: int | None = None
-    signal: int | None = None
-    error: str = ""
-    cid: int | None = None  # the vsock CID it runs with; kept across daemon restarts
-    is_vm: bool = True  # False for other processes a backend may own (e.g. live_for helpers)
+    Pure data (the callables answer host NUMA questions), so the QEMU argv and the libvirt
+    domain XML are pure functions of it and pinned by golden tests.
+    """
 
-    @property
-    def running(self) -> bool:
-        return self.status == "running"
+    manifest: Manifest
+    image: Image
+    workdir: Path
+    cid: int
+    host: HostCapabilities
+    compose_hash: str
+    numa_node_of: Callable[[str], int] = _node_zero
+    node_cpulist: Callable[[int], str] = _cpus_of_node_zero
+    gpu_slots: tuple[str, ...] = ()
+    bridge_slots: tuple[str, ...] = ()
+    sev_cbitpos: int = 51
+    sev_reduced_phys_bits: int = 1
 
 
 @dataclass(frozen=True)
@@ -45,11 +61,11 @@ class BackendInfo:
     name: str
     version: str
     features: tuple[str, ...]  # what this backend can run on this host
-    unsupported: tuple[str, ...]  # features it refuses here, each with the reason
+    unsupported: tuple[str, ...]  # what it refuses here, each "feature: reason"
 
 
 class VmBackend(Protocol):
-    """Runs VMs. Every method is keyed by VM id; a backend may keep what it needs per id."""
+    """Runs VMs. Every method is keyed by VM id; a backend keeps what it needs per id."""
 
     @property
     def info(self) -> BackendInfo: ...
@@ -57,8 +73,17 @@ class VmBackend(Protocol):
     def check_supported(self, spec: LaunchSpec) -> None:
         """Raise ``Unsupported`` naming the feature and the backend if ``spec`` cannot run here."""
 
-    async def launch(self, spec: LaunchSpec) -> Runtime:
-        """Start the VM's QEMU; return once it is running (or raise)."""
+    async def ready(self) -> None:
+        """Raise ``Unavailable`` if the backend cannot take a request now (nothing is changed)."""
+
+    async def prepare_disk(self, spec: LaunchSpec) -> None:
+        """Create the VM's disk (an overlay over the image's) if it does not exist yet."""
+
+    async def grow_disk(self, disk: Path, size_gb: int) -> None:
+        """Grow a stopped VM's disk to ``size_gb`` GiB."""
+
+    async def launch(self, spec: LaunchSpec) -> Runtime | None:
+        """Start the VM's QEMU; return its state (None if it cannot be read right after)."""
 
     async def runtime(self, vm_id: str) -> Runtime | None:
         """The VM's current state, or None if the backend has no record of it."""
@@ -73,7 +98,7 @@ class VmBackend(Protocol):
         """Hard-stop the VM; its record stays (stopped) until ``forget``."""
 
     async def forget(self, vm_id: str) -> None:
-        """Drop the backend's record of a stopped VM (supervisor entry, libvirt domain)."""
+        """Drop the backend's record of a VM that no longer runs (supervisor entry, domain)."""
 
     async def close(self) -> None:
         """Release connections; running VMs keep running."""

@@ -11,6 +11,7 @@ Relative paths are relative to the daemon's working directory, as in dstack.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,8 @@ class GpuConfig:
 
 @dataclass(frozen=True)
 class CvmConfig:
+    # What runs the VMs: "qemu" (processes owned by our supervisor) or "libvirt" (domains).
+    backend: Literal["qemu", "libvirt"] = "qemu"
     qemu_path: str = ""
     # auto picks the TEE the host has (TDX or SEV-SNP), else none.
     platform: Literal["auto", "tdx", "sev-snp", "amd-sev-snp", "none"] = "auto"
@@ -171,6 +174,14 @@ class SupervisorConfig:
 
 
 @dataclass(frozen=True)
+class LibvirtConfig:
+    # The libvirt daemon the libvirt backend uses (qemu:///system, or qemu+unix:///system?socket=...).
+    uri: str = "qemu:///system"
+    # Domains are named <prefix><VM id>; others are never touched.
+    domain_prefix: str = "vmm-"
+
+
+@dataclass(frozen=True)
 class HostApiConfig:
     ident: str = "dstack VMM"
     address: str = "vsock:2"
@@ -199,6 +210,7 @@ class Config:
     gateway: GatewayConfig = GatewayConfig()
     auth: AuthConfig = AuthConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    libvirt: LibvirtConfig = LibvirtConfig()
     host_api: HostApiConfig = HostApiConfig()
     key_provider: KeyProviderConfig = KeyProviderConfig()
 
@@ -281,6 +293,10 @@ def validate(config: Config) -> Config:
     _positive("cvm.log.check_interval_secs", cvm.log.check_interval_secs)
     if not config.supervisor.sock:
         raise ConfigError("`supervisor.sock`: must not be empty")
+    if not config.libvirt.uri:
+        raise ConfigError("`libvirt.uri`: must not be empty")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", config.libvirt.domain_prefix):
+        raise ConfigError("`libvirt.domain_prefix`: 1-32 of A-Z a-z 0-9 _ . -")
     parse_vsock_address(config.host_api.address)
     if not 0 < config.host_api.port < 2**32:
         raise ConfigError("`host_api.port`: must be a positive 32-bit port")

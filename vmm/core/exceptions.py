@@ -13,14 +13,16 @@ anything that is not a ``VmmError`` is a bug and becomes a logged 500.
     ├── Unauthorized (401)                  missing or wrong credentials
     ├── NotFound (404, LookupError)         unknown VM (or other named object)
     ├── Conflict (409)                      the VM is in the wrong state for the call
+    │   └── Unsupported                     the active backend cannot do it; names feature and backend
     ├── ResourceExhausted (409)             a limit (CIDs, vCPUs, memory, ports) is reached
     ├── NotImplementedYet (501)             the RPC exists but is not built yet
     ├── Unavailable (503)                   a dependency (KMS, guest agent, supervisor) is down
     ├── StorageError (507)                  writing the daemon's state failed; names the file
     │   └── InsufficientStorage             ... because the disk or the quota is full (ENOSPC, EDQUOT)
     ├── ConfigError (ValueError)            vmm.toml is invalid; raised at start, names the key
-    └── SupervisorError                     the supervisor refused or failed a request
-        └── SupervisorUnavailable (503)     it does not answer (also an Unavailable)
+    └── BackendError                        the backend (supervisor, libvirtd) refused or failed
+        └── SupervisorError                 ... the supervisor of the QEMU backend
+            └── SupervisorUnavailable (503) it does not answer (also an Unavailable)
 """
 
 from __future__ import annotations
@@ -106,6 +108,18 @@ class NotImplementedYet(VmmError):
         super().__init__(f"{method} is not implemented yet")
 
 
+class Unsupported(Conflict):
+    """The active backend cannot run what was asked on this host; nothing was changed."""
+
+    code = "UNSUPPORTED"
+
+    def __init__(self, feature: str, backend: str, reason: str = "") -> None:
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"{feature} is not supported by the {backend} backend{detail}")
+        self.feature = feature
+        self.backend = backend
+
+
 class Unavailable(VmmError):
     status_code = 503
     code = "UNAVAILABLE"
@@ -145,10 +159,16 @@ class ConfigError(VmmError, ValueError):
     code = "CONFIG"
 
 
-class SupervisorError(VmmError):
-    """The supervisor process refused a request or could not be reached."""
+class BackendError(VmmError):
+    """The backend that runs VMs refused or failed a request."""
 
     status_code = 500
+    code = "BACKEND"
+
+
+class SupervisorError(BackendError):
+    """The supervisor process refused a request or could not be reached."""
+
     code = "SUPERVISOR"
 
 

@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -45,7 +45,6 @@ from vmm.rpc import host_api_pb2 as hpb
 
 if TYPE_CHECKING:
     from vmm.model.vm import Vm
-    from vmm.vms.manager import Manager
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +54,21 @@ KEY_PROVIDER_TIMEOUT = 10.0
 
 
 class HostApiServicer:
-    def __init__(self, manager: Manager, config: Config) -> None:
-        self.manager = manager
+    """The host API a guest calls; ``notify`` applies a notification to the calling VM."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        lookup: Callable[[str], Vm | None],
+        notify: Callable[[Vm, str, str], Awaitable[None]],
+    ) -> None:
         self.config = config
+        self._lookup = lookup
+        self._notify = notify
 
     def _vm(self, ctx: CallContext) -> Vm:
-        vm = self.manager.vms.get(ctx.vm_id)
+        vm = self._lookup(ctx.vm_id)
         if vm is None:
             raise VmNotFound(ctx.vm_id or "<unknown caller>")
         return vm
@@ -74,7 +82,7 @@ class HostApiServicer:
             log.info("VM %s: dropped %s notification over %d bytes", vm.id, request.event,
                      MAX_NOTIFY_PAYLOAD)
             return Empty()
-        await self.manager.apply_notification(vm, request.event, request.payload)
+        await self._notify(vm, request.event, request.payload)
         return Empty()
 
     async def GetSealingKey(

@@ -1,9 +1,10 @@
 """Per-VM guest channels and what the guest tells us through them.
 
 While a VM's QEMU runs it has an agent client (to call its guest agent) and, on the serial
-fallback, a host-API link (to answer its calls). This module opens and closes them, and applies
-the guest's notifications to the VM record: boot and shutdown progress, the instance id, and
-events in the VM's ring.
+fallback, a host-API link (to answer its calls). The hub keeps both by VM id, opens and closes
+them, and applies the guest's notifications to the VM record: boot and shutdown progress, the
+instance id, and events in the VM's ring. It gets what it needs of the registry as callables
+(look a VM up, the owner of a CID, record the desired state), never the Manager itself.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from guest_proxy.transport import (
@@ -22,54 +23,66 @@ from guest_proxy.transport import (
     VsockHttpTransport,
     vsock_factory,
 )
-from vmm.backend.qemu import argv as qemu_argv
 from vmm.core.config import Config
 from vmm.core.exceptions import InvalidField
 from vmm.guest.host_api import HostApiLink, HostApiServicer
 from vmm.host.capabilities import HostCapabilities
 from vmm.model.compose import parse_compose
+from vmm.model.vm import Vm
 from vmm.prpc.bridge import PrpcBridge
 from vmm.rpc import host_api_pb2
-
-if TYPE_CHECKING:
-    from vmm.model.vm import Vm
-    from vmm.vms.manager import Manager
 
 log = logging.getLogger(__name__)
 
 
 class ChannelHub:
-    def __init__(self, manager: Manager, config: Config, host: HostCapabilities) -> None:
-        self.manager = manager
+    def __init__(
+        self,
+        config: Config,
+        host: HostCapabilities,
+        *,
+        lookup: Callable[[str], Vm | None],
+        cid_owner: Callable[[int], str | None],
+        set_desired: Callable[[Vm, bool], Awaitable[None]],
+    ) -> None:
         self.config = config
         self.host = host
+        self._cid_owner = cid_owner
+        self._set_desired = set_desired
+        self._agents: dict[str, GuestAgentClient] = {}
+        self._links: dict[str, HostApiLink] = {}
         self.bridge = PrpcBridge(
             host_api_pb2.DESCRIPTOR.services_by_name["HostApi"],
-            HostApiServicer(manager, config),
+            HostApiServicer(config, lookup=lookup, notify=self.apply_notification),
             max_body=config.max_request_body,
         )
 
     def transport_for(self, vm: Vm) -> Transport:
         if self.host.channel == "vsock":
             return VsockHttpTransport(vsock_factory(vm.cid, AGENT_VSOCK_PORT))
-        return SerialTransport(vm.workdir.path / qemu_argv.AGENT_SOCKET)
+        return SerialTransport(vm.workdir.agent_socket)
 
     def agent(self, vm: Vm) -> GuestAgentClient:
-        if vm.agent is None:
-            vm.agent = GuestAgentClient(self.transport_for(vm))
-        return vm.agent
+        agent = self._agents.get(vm.id)
+        if agent is None:
+            agent = self._agents[vm.id] = GuestAgentClient(self.transport_for(vm))
+        return agent
 
     def open(self, vm: Vm) -> None:
         """Start answering the guest's host-API calls (the serial fallback needs a link)."""
-        if self.host.channel == "serial" and vm.host_link is None:
-            vm.host_link = HostApiLink(
-                vm.id, vm.workdir.path / qemu_argv.HOST_API_SOCKET, self.bridge
-            )
-            vm.host_link.start()
+        if self.host.channel == "serial" and vm.id not in self._links:
+            link = self._links[vm.id] = HostApiLink(vm.id, vm.workdir.host_api_socket, self.bridge)
+            link.start()
 
     async def close(self, vm: Vm) -> None:
-        agent, link = vm.agent, vm.host_link
-        vm.agent, vm.host_link = None, None
+        await self._close(vm.id)
+
+    async def close_all(self) -> None:
+        for vm_id in list(self._agents.keys() | self._links.keys()):
+            await self._close(vm_id)
+
+    async def _close(self, vm_id: str) -> None:
+        agent, link = self._agents.pop(vm_id, None), self._links.pop(vm_id, None)
         if agent is not None:
             await agent.close()
         if link is not None:
@@ -79,7 +92,7 @@ class ChannelHub:
         """The VM a vsock peer CID belongs to (for the vsock host-API server)."""
         if not cid_text.isdigit():
             return None
-        return self.manager.cids.owner(int(cid_text))
+        return self._cid_owner(int(cid_text))
 
     async def apply_notification(self, vm: Vm, event: str, payload: str) -> None:
         vm.add_event(event, payload)
@@ -91,7 +104,7 @@ class ChannelHub:
             vm.shutdown_progress = payload
             if payload == "powering off":
                 # The guest is going down on purpose: do not restart it behind its back.
-                await self.manager.set_desired(vm, started=False)
+                await self._set_desired(vm, False)
         elif event == "instance.info":
             await self._instance_info(vm, payload)
         else:

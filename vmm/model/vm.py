@@ -1,26 +1,24 @@
 """One VM as the daemon holds it in memory, and how it is reported (``VmInfo``).
 
 Everything Status reports comes from here, never from disk: the manifest and shared files are
-cached when they are written or loaded, and the process state is refreshed from the supervisor
-by the manager's watcher. The desired state (``started``) is also on disk in vm-state.json.
+cached when they are written or loaded, and the runtime state is refreshed from the backend by
+the manager's watcher. The desired state (``started``) is also on disk in vm-state.json. A Vm
+holds no channels and no processes: the guest hub and the backend keep those, by VM id.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from guest_proxy.transport import GuestAgentClient
-from vmm.guest.host_api import HostApiLink
 from vmm.model.manifest import Manifest
+from vmm.model.runtime import Runtime
 from vmm.model.workdir import SharedFiles, Workdir
 from vmm.rpc import vmm_rpc_pb2 as pb
-from vmm.supervisor.types import ProcessInfo
 
 VmStatus = Literal["running", "exited", "stopping", "stopped", "removing"]
 
@@ -34,7 +32,7 @@ class Vm:
     cid: int
     image_version: str = ""
     removing: bool = False
-    process: ProcessInfo | None = None
+    runtime: Runtime | None = None
     boot_progress: str = ""
     boot_error: str = ""
     shutdown_progress: str = ""
@@ -42,9 +40,6 @@ class Vm:
     events: deque[pb.GuestEvent] = field(default_factory=lambda: deque(maxlen=20))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     background: set[asyncio.Task[None]] = field(default_factory=set)
-    # Guest channels, open while QEMU runs (see Manager.open_channels).
-    agent: GuestAgentClient | None = None
-    host_link: HostApiLink | None = None
     app_url: str = ""
 
     @property
@@ -53,7 +48,7 @@ class Vm:
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.state.status == "running"
+        return self.runtime is not None and self.runtime.running
 
     @property
     def status(self) -> VmStatus:
@@ -77,7 +72,7 @@ class Vm:
 
     def info(self, *, brief: bool, guest_channel: str = "", now: float | None = None) -> pb.VmInfo:
         now = time.time() if now is None else now
-        state = self.process.state if self.process else None
+        state = self.runtime
         info = pb.VmInfo(
             id=self.id,
             name=self.manifest.name,
@@ -148,7 +143,3 @@ def humantime(seconds: float) -> str:
     if remaining or not parts:
         parts.append(f"{remaining}s")
     return " ".join(parts)
-
-
-def process_note() -> str:
-    return json.dumps({"kind": "cvm", "live_for": None, "serial_logappend": True})

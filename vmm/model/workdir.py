@@ -21,6 +21,11 @@ from vmm.core.names import VM_ID, child_of
 from vmm.model.manifest import DesiredState, Manifest
 
 CREATING_PREFIX = ".creating-"
+# The per-VM files every backend and the guest hub agree on (QEMU opens them, the hub connects).
+AGENT_SOCKET = "agent.sock"
+HOST_API_SOCKET = "host-api.sock"
+QMP_SOCKET = "qmp.sock"
+DISK = "hda.img"
 
 
 @dataclass(frozen=True)
@@ -81,10 +86,16 @@ class Workdir:
         return self.path / "qemu.pid"
     @property
     def disk(self) -> Path:
-        return self.path / "hda.img"
+        return self.path / DISK
     @property
     def qmp_socket(self) -> Path:
-        return self.path / "qmp.sock"
+        return self.path / QMP_SOCKET
+    @property
+    def agent_socket(self) -> Path:
+        return self.path / AGENT_SOCKET
+    @property
+    def host_api_socket(self) -> Path:
+        return self.path / HOST_API_SOCKET
     @property
     def serial_pty(self) -> Path:
         return self.path / "serial.pty"

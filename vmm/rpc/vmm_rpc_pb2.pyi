@@ -334,18 +334,26 @@ class NetworkingCapabilities(_message.Message):
     def __init__(self, supported_modes: _Optional[_Iterable[str]] = ..., default_mode: _Optional[str] = ..., default_bridge: _Optional[str] = ...) -> None: ...
 
 class HostCapabilities(_message.Message):
-    __slots__ = ("accelerator", "tee_platform", "guest_channel", "qemu_version", "cpu_model")
+    __slots__ = ("accelerator", "tee_platform", "guest_channel", "qemu_version", "cpu_model", "backend", "backend_version", "backend_features", "backend_unsupported")
     ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
     TEE_PLATFORM_FIELD_NUMBER: _ClassVar[int]
     GUEST_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     QEMU_VERSION_FIELD_NUMBER: _ClassVar[int]
     CPU_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_UNSUPPORTED_FIELD_NUMBER: _ClassVar[int]
     accelerator: str
     tee_platform: str
     guest_channel: str
     qemu_version: str
     cpu_model: str
-    def __init__(self, accelerator: _Optional[str] = ..., tee_platform: _Optional[str] = ..., guest_channel: _Optional[str] = ..., qemu_version: _Optional[str] = ..., cpu_model: _Optional[str] = ...) -> None: ...
+    backend: str
+    backend_version: str
+    backend_features: _containers.RepeatedScalarFieldContainer[str]
+    backend_unsupported: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, accelerator: _Optional[str] = ..., tee_platform: _Optional[str] = ..., guest_channel: _Optional[str] = ..., qemu_version: _Optional[str] = ..., cpu_model: _Optional[str] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., backend_features: _Optional[_Iterable[str]] = ..., backend_unsupported: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetMetaResponse(_message.Message):
     __slots__ = ("kms", "gateway", "resources", "networking", "host")

@@ -23,16 +23,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from vmm.core.config import AutoRestartConfig
 from vmm.core.exceptions import VmmError
-
-if TYPE_CHECKING:
-    from vmm.model.vm import Vm
-    from vmm.vms.manager import Manager
+from vmm.model.vm import Vm
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +49,15 @@ class _Track:
 class AutoRestart:
     def __init__(
         self,
-        manager: Manager,
         config: AutoRestartConfig,
+        *,
+        vms: Callable[[], Iterable[Vm]],
+        start: Callable[[str], Awaitable[None]],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.manager = manager
         self.config = config
+        self._vms = vms
+        self._start = start
         self._clock = clock
         self._tracks: dict[str, _Track] = {}
         self._next_check = 0.0
@@ -81,10 +80,11 @@ class AutoRestart:
         await self.check(now)
 
     async def check(self, now: float) -> None:
-        vms = self.manager.vms
-        for vm_id in [i for i in self._tracks if i not in vms]:
+        vms = list(self._vms())
+        present = {vm.id for vm in vms}
+        for vm_id in [i for i in self._tracks if i not in present]:
             del self._tracks[vm_id]
-        for vm in list(vms.values()):
+        for vm in vms:
             if vm.removing or not vm.started:
                 self._tracks.pop(vm.id, None)
             elif vm.running:
@@ -125,7 +125,7 @@ class AutoRestart:
         track.due = now + backoff_delay(track.attempts, cfg.initial_backoff, cfg.max_backoff)
         attempt = f"attempt {track.attempts} of {cfg.max_retries}"
         try:
-            await self.manager.start(vm.id)
+            await self._start(vm.id)
         except Exception as exc:  # one VM's failure must not stop the others' restarts
             reason = exc.message if isinstance(exc, VmmError) else f"{type(exc).__name__}: {exc}"
             vm.add_event("vmm.auto_restart", f"{attempt} failed: {reason}")

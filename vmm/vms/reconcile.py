@@ -1,24 +1,24 @@
-"""Reconciliation: make the registry match the work directories and the supervisor's processes.
+"""Reconciliation: make the registry match the work directories and what the backend runs.
 
 One procedure serves daemon start (``load_all``) and ReloadVms (``reload``):
 
 1. **Known VMs are re-read** (not at start, where none are known). Each VM's manifest, desired
    state and shared files are read under the VM's lock, so no lifecycle call is half-way through
-   writing them; the configuration is swapped in and the runtime state (process, events, boot
+   writing them; the configuration is swapped in and the runtime state (runtime, events, boot
    progress, CID) is kept. A VM counts as ``updated`` only if something on disk differed from
    memory, so a reload with no edits reports nothing. A directory that no longer parses keeps
    its last good configuration (logged).
-2. **CIDs are rebuilt** from the supervisor's running VM processes and the VMs in memory. A
-   running process keeps its CID whoever else held it ("running wins"; the loser gets a fresh
+2. **CIDs are rebuilt** from the backend's running VMs and the VMs in memory. A
+   running VM keeps its CID whoever else held it ("running wins"; the loser gets a fresh
    CID for its next start), a stopped VM keeps its own otherwise, and CIDs owned by nobody are
-   freed. The CID of a running process that has no VM (an orphan) stays reserved while it runs,
+   freed. The CID of a running VM that has no directory (an orphan) stays reserved while it runs,
    so it is never handed to a second VM.
 3. **Vanished directories**: their VMs are forgotten (``removed``), after their QEMU is stopped and
-   dropped from the supervisor. Nothing on disk is touched.
+   dropped from the backend. Nothing on disk is touched.
 4. **New directories** are loaded (``loaded``): an update journal a crash left behind is rolled
-   forward first (``vm_update.finish_pending``), then the VM is built by the manager
-   (``Manager._load_one``), adopting its QEMU if the supervisor runs it.
-5. **Orphans**, supervisor VM processes with no loadable directory, are reported in the log and
+   forward first (``update.finish_pending``), then the VM is built by the registry
+   (``Registry.adopt``), adopting its QEMU if the backend runs it.
+5. **Orphans**, VMs the backend runs with no loadable directory, are reported in the log and
    left alone: never stopped, never deleted (their directory may come back, or an operator may
    want to look at them).
 6. **Desired state is applied**: ``.removing`` directories finish their removal, and VMs whose
@@ -31,27 +31,48 @@ ReloadVms they are not, since one may belong to a create in progress.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from vmm.core.exceptions import InvalidField, SupervisorError, VmmError
+from vmm.backend.base import VmBackend
+from vmm.core.config import Config
+from vmm.core.exceptions import BackendError, InvalidField, Unavailable, VmmError
+from vmm.model.cid_pool import CidPool
 from vmm.model.manifest import DesiredState, Manifest, ManifestError
+from vmm.model.runtime import Runtime
+from vmm.model.vm import Vm
 from vmm.model.workdir import SharedFiles, Workdir, clean_staging
-from vmm.supervisor.types import ProcessInfo
 from vmm.vms.request import find_image
 from vmm.vms.update import finish_pending
-
-if TYPE_CHECKING:
-    from vmm.model.vm import Vm
-    from vmm.vms.manager import Manager
 
 log = logging.getLogger(__name__)
 
 _OnDisk = tuple[Manifest, DesiredState, SharedFiles]
+
+
+class Registry(Protocol):
+    """What reconciliation needs of the VM registry (the Manager provides it)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def run_path(self) -> Path: ...
+    @property
+    def vms(self) -> dict[str, Vm]: ...
+    @property
+    def cids(self) -> CidPool: ...
+    @property
+    def backend(self) -> VmBackend: ...
+    @property
+    def registry_lock(self) -> asyncio.Lock: ...
+    def adopt(self, workdir: Workdir, runtime: Runtime | None) -> Vm | None: ...
+    async def start(self, vm_id: str) -> None: ...
+    async def finish_removal(self, vm: Vm) -> None: ...
+    async def discard(self, vm: Vm) -> None: ...
+    async def forget(self, vm: Vm, *, delete: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,7 +82,7 @@ class ReloadResult:
     removed: int = 0
 
 
-async def load_all(manager: Manager) -> ReloadResult:
+async def load_all(manager: Registry) -> ReloadResult:
     """Daemon start: rebuild the registry from disk and adopt what the supervisor still runs."""
     for leftover in await asyncio.to_thread(clean_staging, manager.run_path):
         log.info("removed leftover of an interrupted create/delete: %s", leftover)
@@ -71,7 +92,7 @@ async def load_all(manager: Manager) -> ReloadResult:
     return result
 
 
-async def reload(manager: Manager) -> ReloadResult:
+async def reload(manager: Registry) -> ReloadResult:
     """ReloadVms: pick up directories added, changed or removed behind the daemon's back."""
     result = await reconcile(manager)
     log.info("reload: %d loaded, %d updated, %d removed", result.loaded, result.updated,
@@ -79,37 +100,37 @@ async def reload(manager: Manager) -> ReloadResult:
     return result
 
 
-async def reconcile(manager: Manager) -> ReloadResult:
+async def reconcile(manager: Registry) -> ReloadResult:
     updated = await _reread_known(manager)
     # Held while CIDs are rebuilt and new VMs registered: CreateVm allocates CIDs and adds VMs
     # under the same lock. No VM lock is taken inside it (lock order is VM lock, then this one).
-    async with manager._create_lock:
-        processes = {p.config.id: p for p in await manager.supervisor.list()}
+    async with manager.registry_lock:
+        runtimes = await manager.backend.runtimes()
         present, new = await asyncio.to_thread(_scan, manager.run_path, set(manager.vms))
-        running = {pid: p for pid, p in processes.items() if _is_running_cvm(p)}
+        running = {vm_id: r for vm_id, r in runtimes.items() if r.running and r.is_vm}
         _rebuild_cids(manager, running)
         vanished = [vm for vm in manager.vms.values()
                     if not vm.removing and vm.id not in present]
         loaded: list[Vm] = []
         for name in new:
             try:
-                vm = manager._load_one(Workdir(manager.run_path / name), processes.get(name))
+                vm = manager.adopt(Workdir(manager.run_path / name), runtimes.get(name))
             except VmmError as exc:
                 log.warning("leaving %s untouched: %s", manager.run_path / name, exc.message)
                 continue
             if vm is not None:
                 loaded.append(vm)
-        for process_id, process in running.items():
-            if process_id not in manager.vms:
+        for vm_id, runtime in running.items():
+            if vm_id not in manager.vms:
                 log.warning(
-                    "orphan: supervisor runs %s (%s, pid %s, CID %s) but no VM directory loads "
-                    "for it; leaving it alone (its CID stays reserved)", process_id,
-                    process.config.name, process.state.pid, process.config.cid)
+                    "orphan: the backend runs %s (%s, pid %s, CID %s) but no VM directory loads "
+                    "for it; leaving it alone (its CID stays reserved)", vm_id,
+                    runtime.name, runtime.pid, runtime.cid)
     for vm in vanished:
         await _drop_vanished(manager, vm)
     for vm in loaded:
         if vm.removing:
-            vm.spawn(manager._finish_removal(vm))
+            vm.spawn(manager.finish_removal(vm))
     for vm in list(manager.vms.values()):
         if vm.started and not vm.running and not vm.removing:
             vm.spawn(_start(manager, vm))
@@ -119,7 +140,7 @@ async def reconcile(manager: Manager) -> ReloadResult:
 # -- step 1: known VMs ------------------------------------------------------------------------
 
 
-async def _reread_known(manager: Manager) -> int:
+async def _reread_known(manager: Registry) -> int:
     known = [vm for vm in manager.vms.values() if not vm.removing]
     # Free locks are taken all at once without waiting (no await between the check and the
     # acquire), and their directories read in one worker thread: 1,000 VMs cost one hop.
@@ -158,7 +179,7 @@ def _read_many(workdirs: list[Workdir]) -> list[_OnDisk | Exception | None]:
     return found
 
 
-def _swap(manager: Manager, vm: Vm, on_disk: _OnDisk | Exception | None) -> bool:
+def _swap(manager: Registry, vm: Vm, on_disk: _OnDisk | Exception | None) -> bool:
     if on_disk is None:
         return False  # the directory vanished: step 3 deals with it
     if isinstance(on_disk, Exception):
@@ -186,37 +207,24 @@ def _swap(manager: Manager, vm: Vm, on_disk: _OnDisk | Exception | None) -> bool
 # -- step 2: CIDs -----------------------------------------------------------------------------
 
 
-def _is_running_cvm(process: ProcessInfo) -> bool:
-    """A running VM process: note kind "" or "cvm" and not a temporary ``live_for`` process."""
-    if process.state.status != "running":
-        return False
-    try:
-        note = json.loads(process.config.note) if process.config.note else {}
-    except json.JSONDecodeError:
-        note = {}
-    if not isinstance(note, dict):
-        note = {}
-    return note.get("kind", "") in ("", "cvm") and not note.get("live_for")
-
-
-def _rebuild_cids(manager: Manager, running: dict[str, ProcessInfo]) -> None:
+def _rebuild_cids(manager: Registry, running: dict[str, Runtime]) -> None:
     pool = manager.cids
     owners: dict[int, str] = {}
-    for process_id, process in running.items():
-        cid = process.config.cid
+    for vm_id, runtime in running.items():
+        cid = runtime.cid
         if cid is None:
             continue
         if not pool.contains(cid):
-            log.warning("process %s runs with CID %d, outside the pool", process_id, cid)
+            log.warning("VM %s runs with CID %d, outside the pool", vm_id, cid)
         elif cid in owners:
-            log.warning("processes %s and %s both run with CID %d", owners[cid], process_id, cid)
+            log.warning("VMs %s and %s both run with CID %d", owners[cid], vm_id, cid)
         else:
-            owners[cid] = process_id
+            owners[cid] = vm_id
     homeless: list[Vm] = []
     for vm in manager.vms.values():
         own = running.get(vm.id)
-        if own is not None and own.config.cid is not None and owners.get(own.config.cid) == vm.id:
-            vm.cid = own.config.cid
+        if own is not None and own.cid is not None and owners.get(own.cid) == vm.id:
+            vm.cid = own.cid
         elif pool.contains(vm.cid) and owners.setdefault(vm.cid, vm.id) == vm.id:
             pass
         else:
@@ -255,24 +263,20 @@ def _scan(run_path: Path, known: set[str]) -> tuple[set[str], list[str]]:
     return present, new
 
 
-async def _drop_vanished(manager: Manager, vm: Vm) -> None:
+async def _drop_vanished(manager: Registry, vm: Vm) -> None:
     async with vm.lock:
         if manager.vms.get(vm.id) is not vm:
             return
         try:
-            info = await manager.supervisor.info(vm.id)
-            if info is not None:
-                if info.state.status == "running":
-                    await manager.supervisor.stop(vm.id)
-                await manager.supervisor.remove(vm.id)
-        except SupervisorError as exc:
-            log.warning("VM %s: directory gone, but its process could not be stopped: %s",
+            await manager.discard(vm)
+        except (BackendError, Unavailable) as exc:
+            log.warning("VM %s: directory gone, but its QEMU could not be stopped: %s",
                         vm.id, exc.message)
-        await manager._forget(vm, delete=False)
+        await manager.forget(vm, delete=False)
     log.info("VM %s: its directory is gone; forgotten", vm.id)
 
 
-async def _start(manager: Manager, vm: Vm) -> None:
+async def _start(manager: Registry, vm: Vm) -> None:
     try:
         await manager.start(vm.id)
     except Exception as exc:

@@ -47,9 +47,10 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vmm.core.exceptions import BadRequest, Conflict, InvalidField, StorageError
 from vmm.core.fsutil import atomic_write, fsync_dir, write_synced
@@ -57,7 +58,6 @@ from vmm.model import compose
 from vmm.model.manifest import GpuAttachment, Manifest, Network, PortMap
 from vmm.model.workdir import SharedFiles, Workdir, shown_path
 from vmm.rpc import vmm_rpc_pb2 as pb
-from vmm.vms import limits
 from vmm.vms.request import (
     MAX_USER_CONFIG,
     check_disk_fits_image,
@@ -72,12 +72,23 @@ from vmm.vms.request import (
 if TYPE_CHECKING:
     from vmm.core.config import Config
     from vmm.model.vm import Vm
-    from vmm.vms.manager import Manager
 
 log = logging.getLogger(__name__)
 
 JOURNAL = ".update-pending.json"
-QEMU_IMG_TIMEOUT = 120.0
+
+
+class Registry(Protocol):
+    """What an update needs of the VM registry (the Manager provides it)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def registry_lock(self) -> asyncio.Lock: ...
+    def get(self, vm_id: str) -> Vm: ...
+    def check_port_conflicts(self, vm_id: str, ports: Iterable[PortMap]) -> None: ...
+    def check_capacity(self, vcpu: int, memory_mb: int, exclude: str) -> None: ...
+    async def grow_disk(self, vm: Vm, size_gb: int) -> None: ...
 RESIZABLE = ("stopped", "exited")
 
 
@@ -242,37 +253,31 @@ def _set(fields: dict[str, object], changed: list[str], old: Manifest, key: str,
         changed.append(label or key)
 
 
-async def apply(manager: Manager, req: UpdateRequest) -> Plan:
+async def apply(registry: Registry, req: UpdateRequest) -> Plan:
     """Check, write (journaled) and cache an update of one VM; return what was done."""
-    # Uses the manager's lock and checks directly: this module is the manager's update path,
-    # kept apart so the lifecycle module stays readable.
-    from vmm.vms.manager import _run  # noqa: PLC0415  # the manager imports this module's users
-
-    vm = manager.get(req.id)
+    vm = registry.get(req.id)
     async with vm.lock:
         if vm.removing:
             raise Conflict(f"VM {vm.id} is being removed")
-        p = plan(manager.config, vm, req)
+        p = plan(registry.config, vm, req)
         if p.resized and vm.status not in RESIZABLE:
             raise Conflict(f"VM {vm.id} must be stopped before resizing (status: {vm.status})")
         if not p.changed and not p.resized:
             return p
-        # The manager's create lock: ports and capacity are compared across VMs, so no create
-        # or other resize may interleave between the check and the write.
-        async with manager._create_lock:
+        # The registry's lock: ports and capacity are compared across VMs, so no create or
+        # other resize may interleave between the check and the write.
+        async with registry.registry_lock:
             if "ports" in p.changed:
-                manager._check_port_conflicts(vm.id, p.manifest.port_map)
+                registry.check_port_conflicts(vm.id, p.manifest.port_map)
             if (p.manifest.vcpu, p.manifest.memory) != (vm.manifest.vcpu, vm.manifest.memory):
-                limits.check_fits(manager.config, manager.vms.values(), vcpu=p.manifest.vcpu,
-                                  memory_mb=p.manifest.memory, exclude=vm.id)
+                registry.check_capacity(p.manifest.vcpu, p.manifest.memory, exclude=vm.id)
             staged = await asyncio.to_thread(stage_update, vm.workdir, p.manifest, p.shared)
             try:
                 if p.grow_disk and vm.workdir.disk.exists():
                     # Once the files fit, and before the commit: a crash in between leaves a
                     # disk larger than recorded, which the next resize fixes, never a manifest
                     # promising space the disk lacks.
-                    await _run(["qemu-img", "resize", str(vm.workdir.disk),
-                                f"{p.manifest.disk_size}G"], QEMU_IMG_TIMEOUT)
+                    await registry.grow_disk(vm, p.manifest.disk_size)
             except BaseException:
                 staged.discard()
                 raise

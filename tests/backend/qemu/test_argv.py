@@ -23,14 +23,11 @@ from typing import Any
 import pytest
 
 from tests.support.short_dirs import short_dir
+from vmm.backend.base import LaunchSpec
+from vmm.backend.disk import qemu_img_create_argv
 from vmm.backend.qemu.argv import (
-    AGENT_SOCKET,
-    HOST_API_SOCKET,
-    QMP_SOCKET,
-    LaunchSpec,
     build_qemu_argv,
     effective_tee,
-    qemu_img_create_argv,
     resolve_networks,
 )
 from vmm.core.config import (
@@ -43,6 +40,7 @@ from vmm.core.config import (
 from vmm.host.capabilities import HostCapabilities
 from vmm.model.images import Image
 from vmm.model.manifest import Manifest, Network, PortMap
+from vmm.model.workdir import AGENT_SOCKET, HOST_API_SOCKET, QMP_SOCKET
 from vmm.net.macs import derive_mac
 
 GOLDEN = Path(__file__).parent / "golden"

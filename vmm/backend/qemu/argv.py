@@ -45,18 +45,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmm.backend.base import LaunchSpec
 from vmm.core.config import Config, CvmConfig, NetworkingConfig, ProductConfig, parse_mac_prefix
-from vmm.host.capabilities import HostCapabilities, Tee
-from vmm.model.images import Image
+from vmm.host.capabilities import Tee
 from vmm.model.manifest import Manifest, NetMode, Network, PortMap
+from vmm.model.workdir import AGENT_SOCKET, DISK, HOST_API_SOCKET, QMP_SOCKET
 from vmm.net.macs import derive_mac
 
-AGENT_SOCKET = "agent.sock"
-HOST_API_SOCKET = "host-api.sock"
 AGENT_PORT_NAME = "org.vmm.guest-agent"
 HOST_API_PORT_NAME = "org.vmm.host-api"
-QMP_SOCKET = "qmp.sock"
-HDA_IMAGE = "hda.img"
 
 _SNP_VIRTIO_SUFFIX = ",disable-legacy=on,iommu_platform=true"
 _MRCONFIGID_MIN_VERSION = (0, 5, 2)
@@ -64,30 +61,6 @@ _MRCONFIGID_LEN = 48
 _PCI_SLOT = re.compile(r"^[0-9A-Fa-f:.]+$")
 _COMPOSE_HASH = re.compile(r"^[0-9a-f]{64}$")
 _IP_LITERAL_CHARS = re.compile(r"[0-9A-Fa-f.:]+")
-
-
-def _node_zero(slot: str) -> int:
-    return 0
-
-
-def _cpus_of_node_zero(node: int) -> str:
-    return "0"
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    manifest: Manifest
-    image: Image
-    workdir: Path
-    cid: int
-    host: HostCapabilities
-    compose_hash: str
-    numa_node_of: Callable[[str], int] = _node_zero
-    node_cpulist: Callable[[int], str] = _cpus_of_node_zero
-    gpu_slots: tuple[str, ...] = ()
-    bridge_slots: tuple[str, ...] = ()
-    sev_cbitpos: int = 51
-    sev_reduced_phys_bits: int = 1
 
 
 @dataclass(frozen=True)
@@ -158,14 +131,6 @@ def mrconfigid_v1(compose_hash: str) -> str:
 def snp_host_data(compose_hash: str) -> str:
     """SEV-SNP host-data: base64(sha256(compose hash bytes)), 32 bytes."""
     return base64.b64encode(hashlib.sha256(_compose_hash_bytes(compose_hash)).digest()).decode()
-
-
-def qemu_img_create_argv(spec: LaunchSpec, qemu_img: str = "qemu-img") -> list[str]:
-    """Create ``hda.img`` (qcow2), backed by the image's hda when it has one."""
-    argv = [qemu_img, "create", "-f", "qcow2"]
-    if spec.image.hda is not None:
-        argv += ["-o", f"backing_file={_opt(spec.image.hda)}", "-o", "backing_fmt=qcow2"]
-    return [*argv, str(spec.workdir / HDA_IMAGE), f"{spec.manifest.disk_size}G"]
 
 
 def build_qemu_argv(spec: LaunchSpec, config: Config) -> list[str]:
@@ -282,7 +247,7 @@ def _disks(spec: LaunchSpec, snp: bool) -> list[str]:
             "-device", _virtio("virtio-blk-pci,drive=hd0", snp),
         ]  # fmt: skip
     argv += [
-        "-drive", f"file={_opt(spec.workdir / HDA_IMAGE)},if=none,id=hd1",
+        "-drive", f"file={_opt(spec.workdir / DISK)},if=none,id=hd1",
         "-device", _virtio("virtio-blk-pci,drive=hd1", snp),
     ]  # fmt: skip
     for i, source in enumerate(spec.manifest.volumes):

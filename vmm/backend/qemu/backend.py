@@ -1,0 +1,130 @@
+"""The QEMU backend: the argv from ``argv.py``, run by the supervisor process, driven over QMP.
+
+The supervisor owns the QEMU processes (they outlive the daemon) and reports them as
+``ProcessInfo``; this module is the only place that turns a VM into a ``ProcessConfig`` and a
+``ProcessInfo`` back into a backend-neutral ``Runtime``. The supervisor itself stays reachable
+for the Sv* RPCs, which are extras of this backend.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vmm.backend import disk
+from vmm.backend.base import BackendInfo, LaunchSpec
+from vmm.backend.qemu.argv import build_qemu_argv
+from vmm.backend.qemu.qmp import qmp_execute
+from vmm.core.config import Config
+from vmm.core.exceptions import SupervisorError
+from vmm.host.capabilities import HostCapabilities
+from vmm.model.runtime import Runtime
+from vmm.model.workdir import Workdir
+from vmm.supervisor.client import SupervisorClient, ensure_supervisor
+from vmm.supervisor.types import ProcessConfig, ProcessInfo
+
+NAME = "qemu"
+
+
+async def open_backend(config: Config, host: HostCapabilities) -> QemuBackend:
+    """Connect to the supervisor, starting it (and restarting it should it die) if configured."""
+    sv = config.supervisor
+    sock, pid_file, log_file, state_file = (
+        Path(p).absolute() for p in (sv.sock, sv.pid_file, sv.log_file, sv.state_file)  # noqa: ASYNC240
+    )
+    if sv.auto_start:
+        # The daemon started it, so it also starts a new one should it die (a crash, an OOM
+        # kill): without one no VM can be started, stopped or even listed.
+        supervisor = await ensure_supervisor(sock, pid_file, log_file, state_file=state_file,
+                                             restart=True)
+    else:
+        supervisor = SupervisorClient(sock)
+        if not await supervisor.ping():
+            await supervisor.aclose()
+            raise SupervisorError(f"no supervisor answers on {sock} and supervisor.auto_start is false")
+    return QemuBackend(config, supervisor, qemu_path=host.qemu_path)
+
+
+class QemuBackend:
+    def __init__(self, config: Config, supervisor: SupervisorClient, qemu_path: str = "") -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.run_path = Path(config.run_path).absolute()
+        self._info = BackendInfo(
+            name=NAME, version=qemu_path,
+            features=("tdx", "sev-snp", "vsock", "serial-channel", "user-net", "gpus",
+                      "hugepages"),
+            unsupported=(),
+        )
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    def check_supported(self, spec: LaunchSpec) -> None:
+        """Everything the argv builder can express runs here."""
+
+    async def ready(self) -> None:
+        await self.supervisor.check()
+
+    async def prepare_disk(self, spec: LaunchSpec) -> None:
+        await disk.create_if_missing(spec)
+
+    async def grow_disk(self, path: Path, size_gb: int) -> None:
+        await disk.grow(path, size_gb)
+
+    async def launch(self, spec: LaunchSpec) -> Runtime | None:
+        argv = build_qemu_argv(spec, self.config)
+        wd = Workdir(spec.workdir)
+        await self.supervisor.deploy(ProcessConfig(
+            id=spec.manifest.id, name=spec.manifest.name, command=argv[0], args=argv[1:], env={},
+            cwd=str(wd.path), stdout=str(wd.stdout_log), stderr=str(wd.stderr_log),
+            pidfile=str(wd.qemu_pid), cid=spec.cid, note=VM_NOTE,
+        ))
+        return await self.runtime(spec.manifest.id)
+
+    async def runtime(self, vm_id: str) -> Runtime | None:
+        info = await self.supervisor.info(vm_id)
+        return None if info is None else runtime_of(info)
+
+    async def runtimes(self) -> dict[str, Runtime]:
+        return {p.config.id: runtime_of(p) for p in await self.supervisor.list()}
+
+    async def request_power_off(self, vm_id: str) -> None:
+        await qmp_execute(Workdir(self.run_path / vm_id).qmp_socket, "system_powerdown")
+
+    async def kill(self, vm_id: str) -> None:
+        await self.supervisor.stop(vm_id)
+
+    async def forget(self, vm_id: str) -> None:
+        await self.supervisor.remove(vm_id)
+
+    async def close(self) -> None:
+        await self.supervisor.aclose()
+
+
+# What the supervisor records beside a VM's QEMU (dstack's note format): a CVM, kept for good,
+# whose serial console is appended to its log.
+VM_NOTE = json.dumps({"kind": "cvm", "live_for": None, "serial_logappend": True})
+
+
+def runtime_of(process: ProcessInfo) -> Runtime:
+    state = process.state
+    return Runtime(
+        status=state.status, pid=state.pid, started_at=state.started_at,
+        stopped_at=state.stopped_at, exit_code=state.exit_code, signal=state.signal,
+        error=state.error or "", name=process.config.name, cid=process.config.cid,
+        is_vm=_is_vm(process.config.note),
+    )
+
+
+def _is_vm(note: str) -> bool:
+    """A VM process: note kind "" or "cvm", and not a temporary ``live_for`` process."""
+    try:
+        parsed = json.loads(note) if note else {}
+    except json.JSONDecodeError:
+        parsed = {}
+    if not isinstance(parsed, dict):
+        parsed = {}
+    return parsed.get("kind", "") in ("", "cvm") and not parsed.get("live_for")
+
