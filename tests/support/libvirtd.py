@@ -57,14 +57,18 @@ mount --make-rprivate /
 awk '$3 == "cgroup" || $3 == "cgroup2" {print $2}' /proc/self/mounts | sort -r | while read -r mnt; do
   umount "$mnt"
 done
+# Each namespace (each start) overlays afresh: a restart must not find the old layers and skip
+# its mounts, or the mkdir below would reach the host.
+overlaid=" "
 for dir in /etc/libvirt /run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt; do
   if [ ! -d "$dir" ]; then
     parent=$(dirname "$dir")
-    layer="$root/overlay$(echo "$parent" | tr / _)"
-    if [ ! -d "$layer" ]; then
+    case "$overlaid" in *" $parent "*) ;; *)
+      layer="$root/overlay/$$$(echo "$parent" | tr / _)"
       mkdir -p "$layer/upper" "$layer/work"
       mount -t overlay overlay -o "lowerdir=$parent,upperdir=$layer/upper,workdir=$layer/work" "$parent"
-    fi
+      overlaid="$overlaid$parent "
+    esac
     mkdir -p "$dir"
   fi
   mount --bind "$root/fs$dir" "$dir"

@@ -38,19 +38,26 @@ def host_snapshot() -> dict[str, object]:
 
 
 def test_private_libvirtd_leaves_the_host_untouched() -> None:
-    """Defining a domain writes only under the daemon's temp root, never the host's libvirt dirs."""
+    """Defining a domain and restarting the daemon write only under its temp root, never the host."""
     if shutil.which("libvirtd") is None:
         pytest.skip("libvirtd is not installed (scripts/install adds it)")
     before = host_snapshot()
+    spec, config = dev_case()
     with private_libvirtd() as daemon:
         connection = libvirt.open(daemon.uri)
         try:
-            spec, config = dev_case()
             connection.defineXML(build_domain_xml(spec, config))
         finally:
             connection.close()
         # The definition landed in the namespace's /etc/libvirt, which is the temp root.
         assert (daemon.root / "fs/etc/libvirt/qemu" / f"{domain_name(spec.manifest.id)}.xml").is_file()
+        assert host_snapshot() == before
+        daemon.restart()  # a second namespace over the same root
+        connection = libvirt.open(daemon.uri)
+        try:
+            assert [d.name() for d in connection.listAllDomains(0)] == [domain_name(spec.manifest.id)]
+        finally:
+            connection.close()
         assert host_snapshot() == before
     assert host_snapshot() == before
 
