@@ -37,10 +37,9 @@ from vmm.backend.libvirt.domain import (
     DomainMeta,
     build_domain_xml,
     domain_uuid,
-    libvirt_version_tuple,
     parse_meta,
-    unsupported_features,
 )
+from vmm.backend.libvirt.support import libvirt_version_tuple, unsupported_features
 from vmm.config import Config, NetworkingConfig, ProductConfig
 from vmm.manifest import Network
 from vmm.qemu_argv import LaunchSpec, build_qemu_argv, resolve_networks

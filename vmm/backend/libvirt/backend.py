@@ -27,16 +27,18 @@ from vmm.backend.base import BackendInfo, Runtime, RuntimeStatus
 from vmm.backend.errors import Unsupported
 from vmm.backend.libvirt.domain import (
     DOMAIN_PREFIX,
-    SEV_SNP_MIN_LIBVIRT,
     VMM_NS,
     DomainMeta,
     build_domain_xml,
     domain_name,
-    libvirt_version_tuple,
     parse_meta,
-    unsupported_features,
 )
 from vmm.backend.libvirt.procs import QemuProcesses
+from vmm.backend.libvirt.support import (
+    SEV_SNP_MIN_LIBVIRT,
+    libvirt_version_tuple,
+    unsupported_features,
+)
 from vmm.config import Config
 from vmm.exceptions import BadRequest, Conflict, Unavailable
 from vmm.qemu_argv import LaunchSpec

@@ -4,7 +4,7 @@
 Every value goes through ElementTree, so a path or SMBIOS string cannot break out of its
 attribute. What libvirt cannot express is either injected as QEMU arguments
 (``<qemu:commandline>``, each with the exact option text the QEMU backend uses) or refused by
-``unsupported_features`` before a domain is defined. The differences are deliberate:
+``support.unsupported_features`` before a domain is defined. The differences are deliberate:
 
 - User-mode NICs are injected (``-netdev user`` + ``-device virtio-net-pci``): libvirt's
   ``<interface type='user'>`` has no ``hostfwd``, ``dhcpstart`` or ``restrict``. Injected PCI
@@ -20,7 +20,7 @@ attribute. What libvirt cannot express is either injected as QEMU arguments
   node; libvirt numbers the expander buses itself.
 - The domain UUID is derived from the VM id (uuid5), so it is stable across redefinitions;
   ``cvm.product.product_uuid`` cannot be honoured (libvirt makes the SMBIOS system UUID the
-  domain UUID, unique per domain) and is reported by ``unsupported_features``.
+  domain UUID, unique per domain) and is reported as unsupported.
 - TEE domains are not built: libvirt 9.0 has no ``<launchSecurity>`` for TDX or SEV-SNP.
 """
 
@@ -43,7 +43,6 @@ from vmm.qemu_argv import (
     HOST_API_PORT_NAME,
     HOST_API_SOCKET,
     LaunchSpec,
-    ResolvedNic,
     effective_tee,
     resolve_networks,
 )
@@ -60,9 +59,6 @@ _PCI_ADDRESS = re.compile(
     r"^(?:(?P<domain>[0-9A-Fa-f]{4}):)?(?P<bus>[0-9A-Fa-f]{2}):(?P<slot>[0-9A-Fa-f]{2})"
     r"\.(?P<function>[0-7])$"
 )
-_BIOS_DATE = re.compile(r"^\d{2}/\d{2}/(\d{2}|\d{4})$")
-_BIOS_RELEASE = re.compile(r"^\d+\.\d+$")
-SEV_SNP_MIN_LIBVIRT = (10, 5, 0)
 
 ET.register_namespace("qemu", QEMU_NS)
 ET.register_namespace("vmm", VMM_NS)
@@ -114,76 +110,8 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def libvirt_version_tuple(encoded: int) -> tuple[int, int, int]:
-    """Libvirt's ``major * 1,000,000 + minor * 1,000 + release`` into a tuple."""
-    return encoded // 1_000_000, encoded // 1_000 % 1_000, encoded % 1_000
-
-
-def unsupported_features(
-    spec: LaunchSpec, config: Config, libvirt_version: tuple[int, int, int], *,
-    vhost_vsock: bool = True,
-) -> list[str]:  # fmt: skip
-    """What this VM asks for that the libvirt backend cannot run here; each names the feature."""
-    version = ".".join(map(str, libvirt_version))
-    cvm = config.cvm
-    problems = []
-    tee = effective_tee(spec)
-    if tee == "tdx":
-        problems.append(f"TDX: libvirt {version} has no <launchSecurity type='tdx'> "
-                        "(libvirt backend)")  # fmt: skip
-    elif tee == "sev-snp":
-        reason = (f"libvirt {version} has no <launchSecurity type='sev-snp'> (added in 10.5.0)"
-                  if libvirt_version < SEV_SNP_MIN_LIBVIRT
-                  else "the libvirt backend does not build SEV-SNP domains yet")  # fmt: skip
-        problems.append(f"SEV-SNP: {reason} (libvirt backend)")
-    if spec.host.channel == "vsock" and not vhost_vsock:
-        problems.append("vsock guest channel: libvirt's <vsock> needs /dev/vhost-vsock, which "
-                        "this host lacks (libvirt backend; set cvm.guest_channel = \"serial\")")  # fmt: skip
-    if cvm.user:
-        problems.append(f"cvm.user = {cvm.user!r}: libvirt runs QEMU as qemu.conf's user, not "
-                        "through sudo (libvirt backend)")  # fmt: skip
-    problems += _product_problems(cvm.product)
-    for nic in resolve_networks(spec.manifest, cvm.networking):
-        problems += _nic_problems(nic)
-    return problems
-
-
-def _product_problems(product: ProductConfig) -> list[str]:
-    problems = []
-    if product.product_uuid:
-        problems.append("cvm.product.product_uuid: libvirt makes the SMBIOS system UUID the "
-                        "domain UUID, which must differ per VM (libvirt backend)")  # fmt: skip
-    if product.bios_date and not _BIOS_DATE.match(product.bios_date):
-        problems.append(f"cvm.product.bios_date = {product.bios_date!r}: libvirt accepts only "
-                        "mm/dd/yy or mm/dd/yyyy (libvirt backend)")  # fmt: skip
-    if product.bios_release and not _BIOS_RELEASE.match(product.bios_release):
-        problems.append(f"cvm.product.bios_release = {product.bios_release!r}: libvirt accepts "
-                        "only major.minor (libvirt backend)")  # fmt: skip
-    return problems
-
-
-def _nic_problems(nic: ResolvedNic) -> list[str]:
-    where = f"networks[{nic.index}]"
-    mode = str(nic.mode)
-    if mode == "passt":
-        return [f"{where}: passt networking: Debian's libvirt 9.0 is built without passt "
-                "(libvirt backend)"]  # fmt: skip
-    if mode not in ("user", "bridge", "custom"):
-        return [f"{where}: networking mode {mode!r} (libvirt backend)"]
-    if mode == "custom":
-        kind = nic.netdev.split(",", 1)[0]
-        options = nic.netdev.split(",")[1:]
-        spawns = kind == "bridge" or (kind == "tap" and any(
-            o.startswith(("script=", "downscript=")) and o.split("=", 1)[1] != "no"
-            for o in options))  # fmt: skip
-        if spawns:
-            return [f"{where}: custom netdev {kind!r} makes QEMU spawn a helper, which libvirt's "
-                    "seccomp sandbox (spawn=deny) forbids (libvirt backend)"]  # fmt: skip
-    return []
-
-
 def build_domain_xml(spec: LaunchSpec, config: Config, prefix: str = DOMAIN_PREFIX) -> str:
-    """The full domain XML; call ``unsupported_features`` first, this only refuses TEEs."""
+    """The full domain XML; check ``support.unsupported_features`` first: this only refuses TEEs."""
     if not spec.workdir.is_absolute():
         raise ValueError(f"the VM work directory must be absolute: {spec.workdir}")
     if not spec.host.qemu_path:
@@ -335,7 +263,7 @@ _SYSINFO_FIELDS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
 
 
 def _sysinfo(domain: ET.Element, product: ProductConfig) -> bool:
-    """SMBIOS types 0-3 as ``<sysinfo>``; product_uuid is left out (see unsupported_features)."""
+    """SMBIOS types 0-3 as ``<sysinfo>``; product_uuid is left out (reported as unsupported)."""
     sysinfo = ET.Element("sysinfo", type="smbios")
     for group, fields in _SYSINFO_FIELDS:
         pairs = [(key, getattr(product, attr)) for key, attr in fields]
