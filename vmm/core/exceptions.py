@@ -28,6 +28,7 @@ anything that is not a ``VmmError`` is a bug and becomes a logged 500.
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 
 
 class VmmError(Exception):
@@ -109,15 +110,18 @@ class NotImplementedYet(VmmError):
 
 
 class Unsupported(Conflict):
-    """The active backend cannot run what was asked on this host; nothing was changed."""
+    """The active backend cannot run what the VM asks for on this host (409 ``UNSUPPORTED``).
+
+    The request itself is well formed; another backend or host could run it, so this is a
+    precondition failure rather than bad input. The message names the backend and each feature.
+    """
 
     code = "UNSUPPORTED"
 
-    def __init__(self, feature: str, backend: str, reason: str = "") -> None:
-        detail = f": {reason}" if reason else ""
-        super().__init__(f"{feature} is not supported by the {backend} backend{detail}")
-        self.feature = feature
+    def __init__(self, backend: str, features: Sequence[str]) -> None:
+        super().__init__(f"the {backend} backend cannot run this VM: " + "; ".join(features))
         self.backend = backend
+        self.features = tuple(features)
 
 
 class Unavailable(VmmError):

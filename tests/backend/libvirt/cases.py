@@ -7,11 +7,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vmm.config import Config, GpuConfig, NetworkingConfig, PortMappingConfig, ProductConfig
-from vmm.host import HostCapabilities
-from vmm.images import Image
-from vmm.manifest import Manifest, Network, PortMap
-from vmm.qemu_argv import LaunchSpec
+from vmm.backend.base import LaunchSpec
+from vmm.core.config import Config, GpuConfig, NetworkingConfig, PortMappingConfig, ProductConfig
+from vmm.host.capabilities import HostCapabilities
+from vmm.model.images import Image
+from vmm.model.manifest import Manifest, Network, PortMap
 
 WD = Path("/var/lib/vmm/run/0b6e-vm")
 IMG = Path("/var/lib/vmm/images/dstack-0.5.4")

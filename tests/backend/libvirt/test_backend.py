@@ -20,14 +20,14 @@ from tests.backend.libvirt.cases import dev_case, make_manifest, real_spec, tcg_
 from tests.support.idle_image import IDLE_IMAGE, make_idle_image
 from tests.support.libvirtd import Libvirtd
 from tests.support.short_dirs import short_dir
-from vmm.backend.base import Runtime, VmBackend
-from vmm.backend.errors import Unsupported
+from vmm.backend.base import LaunchSpec, VmBackend
+from vmm.backend.disk import qemu_img_create_argv
 from vmm.backend.libvirt.backend import LibvirtBackend, runtime_status
 from vmm.backend.libvirt.domain import build_domain_xml, domain_name, domain_uuid
-from vmm.config import Config
-from vmm.exceptions import Conflict, Unavailable
-from vmm.images import load_image
-from vmm.qemu_argv import LaunchSpec, qemu_img_create_argv
+from vmm.core.config import Config
+from vmm.core.exceptions import Conflict, Unavailable, Unsupported
+from vmm.model.images import load_image
+from vmm.model.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 

@@ -20,12 +20,13 @@ from tests.support.guest_image import ensure_guest_image
 from tests.support.libvirtd import Libvirtd
 from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import free_port
-from vmm.backend.base import Runtime
+from vmm.backend.base import LaunchSpec
+from vmm.backend.disk import qemu_img_create_argv
 from vmm.backend.libvirt.backend import LibvirtBackend
-from vmm.config import Config
-from vmm.images import load_image
-from vmm.manifest import PortMap
-from vmm.qemu_argv import LaunchSpec, qemu_img_create_argv
+from vmm.core.config import Config
+from vmm.model.images import load_image
+from vmm.model.manifest import PortMap
+from vmm.model.runtime import Runtime
 
 pytestmark = [pytest.mark.anyio, pytest.mark.qemu]
 

@@ -31,6 +31,7 @@ from tests.backend.libvirt.cases import (
     with_cvm,
 )
 from tests.support.short_dirs import short_dir
+from vmm.backend.base import LaunchSpec
 from vmm.backend.libvirt.domain import (
     QEMU_NS,
     VMM_NS,
@@ -40,11 +41,11 @@ from vmm.backend.libvirt.domain import (
     parse_meta,
 )
 from vmm.backend.libvirt.support import libvirt_version_tuple, unsupported_features
-from vmm.config import Config, NetworkingConfig, ProductConfig
-from vmm.manifest import Network
-from vmm.qemu_argv import LaunchSpec, build_qemu_argv, resolve_networks
+from vmm.backend.qemu.argv import build_qemu_argv, resolve_networks
+from vmm.core.config import Config, NetworkingConfig, ProductConfig
+from vmm.model.manifest import Network
 
-GOLDEN = Path(__file__).parents[2] / "golden"
+GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("VMM_UPDATE_GOLDEN") == "1"
 Case = Callable[[], tuple[LaunchSpec, Config]]
 LIBVIRT_9 = (9, 0, 0)
@@ -70,7 +71,7 @@ def after(args: list[str], flag: str) -> list[str]:
 def test_golden_domain_xml(name: str) -> None:
     """Each case's full domain XML matches its golden file byte for byte."""
     text = golden_text(build_domain_xml(*CASES[name]()))
-    path = GOLDEN / f"libvirt_{name}.xml"
+    path = GOLDEN / f"{name}.xml"
     if UPDATE_GOLDEN:
         path.write_text(text)
     assert text == path.read_text(), f"domain XML differs from {path}; see the module docstring"

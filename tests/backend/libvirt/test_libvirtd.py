@@ -12,8 +12,8 @@ import pytest
 
 from tests.backend.libvirt.cases import CASES, dev_case
 from tests.support.libvirtd import HOST_DIRS, private_libvirtd
+from vmm.backend.base import LaunchSpec
 from vmm.backend.libvirt.domain import build_domain_xml, domain_name, domain_uuid
-from vmm.qemu_argv import LaunchSpec
 
 
 def tcg_variant(spec: LaunchSpec) -> LaunchSpec:

@@ -23,8 +23,8 @@ from typing import Protocol, TypeVar
 
 import libvirt  # type: ignore[import-untyped]
 
-from vmm.backend.base import BackendInfo, Runtime, RuntimeStatus
-from vmm.backend.errors import Unsupported
+from vmm.backend import disk
+from vmm.backend.base import BackendInfo, LaunchSpec
 from vmm.backend.libvirt.domain import (
     DOMAIN_PREFIX,
     VMM_NS,
@@ -39,9 +39,10 @@ from vmm.backend.libvirt.support import (
     libvirt_version_tuple,
     unsupported_features,
 )
-from vmm.config import Config
-from vmm.exceptions import BadRequest, Conflict, Unavailable
-from vmm.qemu_argv import LaunchSpec
+from vmm.core.config import Config
+from vmm.core.exceptions import BadRequest, Conflict, Unavailable, Unsupported
+from vmm.host.capabilities import HostCapabilities
+from vmm.model.runtime import Runtime, RuntimeStatus
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,13 @@ def runtime_status(state: int, reason: int) -> tuple[RuntimeStatus, int | None, 
     return "stopped", None, ""
 
 
+async def open_backend(config: Config, host: HostCapabilities) -> LibvirtBackend:
+    """Connect to ``[libvirt] uri`` and read its versions; Unavailable if it does not answer."""
+    backend = LibvirtBackend(config, config.libvirt.uri, prefix=config.libvirt.domain_prefix,
+                             vhost_vsock=host.channel == "vsock")
+    return await backend.open()
+
+
 class LibvirtBackend:
     """Runs VMs as libvirt domains. Call ``open`` once before use (it reads the versions)."""
 
@@ -173,6 +181,15 @@ class LibvirtBackend:
                                         vhost_vsock=self.vhost_vsock)  # fmt: skip
         if problems:
             raise Unsupported(BACKEND_NAME, problems)
+
+    async def ready(self) -> None:
+        await self._call(lambda conn: conn.getLibVersion())
+
+    async def prepare_disk(self, spec: LaunchSpec) -> None:
+        await disk.create_if_missing(spec)
+
+    async def grow_disk(self, path: Path, size_gb: int) -> None:
+        await disk.grow(path, size_gb)
 
     async def launch(self, spec: LaunchSpec) -> Runtime:
         self.check_supported(spec)

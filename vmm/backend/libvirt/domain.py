@@ -1,6 +1,6 @@
 """The libvirt domain XML of one VM, as a pure function of the same launch facts as the QEMU argv.
 
-``build_domain_xml`` mirrors ``vmm.qemu_argv.build_qemu_argv`` group by group and reads no files.
+``build_domain_xml`` mirrors ``vmm.backend.qemu.argv.build_qemu_argv`` group by group and reads no files.
 Every value goes through ElementTree, so a path or SMBIOS string cannot break out of its
 attribute. What libvirt cannot express is either injected as QEMU arguments
 (``<qemu:commandline>``, each with the exact option text the QEMU backend uses) or refused by
@@ -33,19 +33,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmm.config import Config, CvmConfig, ProductConfig
-from vmm.host import Tee
-from vmm.manifest import PortMap
-from vmm.qemu_argv import (
-    AGENT_PORT_NAME,
-    AGENT_SOCKET,
-    HDA_IMAGE,
-    HOST_API_PORT_NAME,
-    HOST_API_SOCKET,
-    LaunchSpec,
-    effective_tee,
-    resolve_networks,
-)
+from vmm.backend.base import LaunchSpec
+from vmm.backend.qemu.argv import AGENT_PORT_NAME, HOST_API_PORT_NAME, effective_tee, resolve_networks
+from vmm.core.config import Config, CvmConfig, ProductConfig
+from vmm.host.capabilities import Tee
+from vmm.model.manifest import PortMap
+from vmm.model.workdir import AGENT_SOCKET, DISK, HOST_API_SOCKET
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 VMM_NS = "urn:x-vmm:libvirt:vm:1"
@@ -339,7 +332,7 @@ def _disks(devices: ET.Element, spec: LaunchSpec, cvm: CvmConfig) -> None:
                 " (only a dm-verity '*.verity' rootfs is supported; ISO rootfs needs image < 0.5.0)"
             )
         sources.append((rootfs, "raw", True))
-    sources.append((spec.workdir / HDA_IMAGE, "qcow2", False))
+    sources.append((spec.workdir / DISK, "qcow2", False))
     sources += [(Path(volume), "raw", True) for volume in spec.manifest.volumes]
     if cvm.host_share_mode == "vhd":
         sources.append((spec.workdir / "shared.img", "raw", True))

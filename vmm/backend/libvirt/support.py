@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 
-from vmm.config import Config, ProductConfig
-from vmm.qemu_argv import LaunchSpec, ResolvedNic, effective_tee, resolve_networks
+from vmm.backend.base import LaunchSpec
+from vmm.backend.qemu.argv import ResolvedNic, effective_tee, resolve_networks
+from vmm.core.config import Config, ProductConfig
 
 SEV_SNP_MIN_LIBVIRT = (10, 5, 0)
 _BIOS_DATE = re.compile(r"^\d{2}/\d{2}/(\d{2}|\d{4})$")
