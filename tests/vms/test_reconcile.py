@@ -135,7 +135,7 @@ def test_restart_keeps_cids_resumes_and_reports_orphans() -> None:
                 assert not (run / doomed).exists()
                 assert not (run / ".creating-leftover").exists()
                 log = second.log()
-                assert f"orphan: supervisor runs {orphan}" in log
+                assert f"orphan: the backend runs {orphan}" in log
                 assert not pid_gone(orphan_pid)  # reported, never stopped
                 assert status_of(client, orphan) == "gone"
 
