@@ -68,6 +68,7 @@ def test_no_file_means_embedded_defaults() -> None:
     assert config.cvm.cid_start == 1000
     assert config.cvm.log.max_bytes == 4 * 1024 * 1024
     assert config.max_request_body == 10 * 1024 * 1024
+    assert config.server.header_timeout == 10.0
 
 
 def test_overrides_and_nested_tables(tmp_path: Path) -> None:
@@ -112,6 +113,10 @@ def test_overrides_and_nested_tables(tmp_path: Path) -> None:
         ("[cvm.networking]\ndhcp_start = '10.0.3.1'", "dhcp_start"),
         ("[supervisor]\nsock = ''", "`supervisor.sock`"),
         ("kms_url = 5", "`kms_url`"),
+        ("[server]\nheader_timeout = 0", "`server.header_timeout`: must be > 0"),
+        ("[server]\nbody_timeout = -1.5", "`server.body_timeout`: must be > 0"),
+        ("[server]\nbody_timeout = 'long'", "`server.body_timeout`: expected a number"),
+        ("[server]\nmax_connections = 0", "`server.max_connections`: must be > 0"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -20,12 +20,12 @@ from typing import Any, Protocol
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from vmm import codec
-from vmm.exceptions import PayloadTooLarge, UnknownMethod, VmmError
+from vmm.exceptions import BadRequest, PayloadTooLarge, UnknownMethod, VmmError
 from vmm.rpc import prpc_pb2
 
 log = logging.getLogger(__name__)
@@ -158,11 +158,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"payload too large: {declared} bytes (limit {limit})")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"payload too large: more than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"payload too large: more than {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The server closed a body that took too long, or the client left: nobody will read an
+        # answer, and this is no bug to log with a traceback.
+        raise BadRequest("request body incomplete: the client left or was too slow") from None
     return b"".join(chunks)
 
 
