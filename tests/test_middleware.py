@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -118,3 +119,17 @@ def test_real_daemon_answers_carry_the_security_headers(secured: DaemonProcess) 
                         "too large": 413, "logs": 200}
     for answer in answers.values():
         assert_security_headers(answer)
+
+
+def test_a_malformed_request_gets_a_400_with_the_security_headers(secured: DaemonProcess) -> None:
+    """The server's own 400 for bytes that are not HTTP carries both headers too."""
+    host, port = secured.base_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 400")
+    assert b"x-content-type-options: nosniff" in head
+    assert b"x-frame-options: sameorigin" in head

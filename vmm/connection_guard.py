@@ -198,7 +198,8 @@ class GuardedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         # uvicorn's own 400 lacks the headers every response carries.
         self._expect(None)
-        self.transport.write(plain_response(400, msg))
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # no answer started yet
+            self.transport.write(plain_response(400, msg))
         self.transport.close()
 
     def close(self) -> None:
