@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from guest_proxy.proxy import GuestProxyServicer
 from vmm.auth import AuthMiddleware
+from vmm.body_budget import BodyBudget
 from vmm.daemon import Daemon
 from vmm.logs import logs_route
 from vmm.middleware import RequestIdMiddleware
@@ -23,17 +24,21 @@ from vmm.servicer import VmmServicer
 
 def build_app(daemon: Daemon) -> Starlette:
     config = daemon.config
+    # One budget for both mounts: it bounds the memory of all bodies in flight together.
+    body_budget = BodyBudget(config.server.body_memory, config.server.body_memory_wait)
     vmm_bridge = PrpcBridge(
         vmm_rpc_pb2.DESCRIPTOR.services_by_name["Vmm"],
         VmmServicer(daemon),
         max_body=config.max_request_body,
         strip_prefixes=("Teepod.",),
+        body_budget=body_budget,
     )
 
     guest_bridge = PrpcBridge(
         guest_api_pb2.DESCRIPTOR.services_by_name["ProxiedGuestApi"],
         GuestProxyServicer(lambda: daemon.manager),
         max_body=config.max_request_body,
+        body_budget=body_budget,
     )
 
     @contextlib.asynccontextmanager
