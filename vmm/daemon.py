@@ -77,7 +77,7 @@ class Daemon:
         sock = bind_vsock(parse_vsock_address(api.address), api.port)
         app = host_api_app(manager.channels.bridge, manager.channels.vm_for_cid,
                            self.config.max_request_body)
-        self._host_api_task = asyncio.create_task(serve_quietly(app, [sock]))
+        self._host_api_task = asyncio.create_task(serve_quietly(app, [sock], self.config.server))
         log.info("host API on vsock:%s port %d", api.address, api.port)
 
     async def stop(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -13,7 +15,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tests.conftest import populate_images
+from tests.support import short_dirs
+from tests.support.daemon_proc import DaemonProcess, running_daemon
+from tests.support.vm_ops import FAKE_IMAGE, create
 from vmm.api.middleware import RequestIdMiddleware
+
+TOKEN = "headers-token"
 
 
 async def boom(request: Request) -> Response:
@@ -24,8 +32,17 @@ async def fine(request: Request) -> Response:
     return Response(b"ok")
 
 
-APP = Starlette(routes=[Route("/boom", boom), Route("/fine", fine)],
+async def framed(request: Request) -> Response:
+    return Response(b"ok", headers={"X-Frame-Options": "DENY"})
+
+
+APP = Starlette(routes=[Route("/boom", boom), Route("/fine", fine), Route("/framed", framed)],
                 middleware=[Middleware(RequestIdMiddleware)])
+
+
+def assert_security_headers(response: httpx.Response) -> None:
+    assert response.headers["x-content-type-options"] == "nosniff", response.headers
+    assert response.headers["x-frame-options"] == "SAMEORIGIN", response.headers
 
 
 async def get(path: str, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -54,3 +71,65 @@ def test_normal_answers_carry_the_headers() -> None:
     assert len(response.headers["x-request-id"]) == 32
     assert response.headers["x-app-version"] == "0.1.0"
     assert response.headers["x-accel-buffering"] == "no"
+
+
+def test_every_answer_carries_nosniff_and_sameorigin() -> None:
+    """Both security headers are on answers and on the last-resort 500."""
+    assert_security_headers(asyncio.run(get("/fine")))
+    assert_security_headers(asyncio.run(get("/boom")))
+
+
+def test_a_route_choice_of_frame_options_is_kept_not_doubled() -> None:
+    """A route that sets X-Frame-Options itself keeps its value, sent once."""
+    response = asyncio.run(get("/framed"))
+    assert response.headers.get_list("x-frame-options") == ["DENY"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[DaemonProcess]:
+    """A real daemon with auth on, placeholder images, and a stopped VM with a serial log."""
+    with short_dirs.short_dir("vmmhdr") as workdir:
+        populate_images(workdir / "state" / "images")
+        with running_daemon(
+            workdir, extra_config=f'[auth]\nenabled = true\ntokens = ["{TOKEN}"]\n'
+        ) as daemon:
+            yield daemon
+
+
+def test_real_daemon_answers_carry_the_security_headers(secured: DaemonProcess) -> None:
+    """200, 401, 404, 405, 413 and a streamed /logs answer all carry both headers."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with secured.client(headers=auth) as client, secured.client() as anonymous:
+        vm_id = create(client, image=FAKE_IMAGE, stopped=True)
+        (secured.workdir / "state" / "vm" / vm_id / "serial.log").write_text("booting\n")
+        answers = {
+            "ok": client.post("/prpc/Version?json"),
+            "unauthorized": anonymous.post("/prpc/Version?json"),
+            "no route": client.get("/nowhere"),
+            "bad method": client.put("/prpc/Version"),
+            "too large": client.post("/prpc/Version?json", content=b" " * (11 * 1024 * 1024)),
+        }
+        with client.stream("GET", "/logs", params={"id": vm_id, "follow": "false"}) as logs:
+            answers["logs"] = logs
+            assert logs.headers["content-type"].startswith("text/plain")
+            assert b"booting" in logs.read()
+    statuses = {name: answer.status_code for name, answer in answers.items()}
+    assert statuses == {"ok": 200, "unauthorized": 401, "no route": 404, "bad method": 405,
+                        "too large": 413, "logs": 200}
+    for answer in answers.values():
+        assert_security_headers(answer)
+
+
+def test_a_malformed_request_gets_a_400_with_the_security_headers(secured: DaemonProcess) -> None:
+    """The server's own 400 for bytes that are not HTTP carries both headers too."""
+    host, port = secured.base_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 400")
+    assert b"x-content-type-options: nosniff" in head
+    assert b"x-frame-options: sameorigin" in head

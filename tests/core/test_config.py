@@ -68,6 +68,8 @@ def test_no_file_means_embedded_defaults() -> None:
     assert config.cvm.cid_start == 1000
     assert config.cvm.log.max_bytes == 4 * 1024 * 1024
     assert config.max_request_body == 10 * 1024 * 1024
+    assert config.server.body_memory == 4 * config.max_request_body
+    assert config.server.header_timeout == 10.0
 
 
 def test_overrides_and_nested_tables(tmp_path: Path) -> None:
@@ -112,6 +114,12 @@ def test_overrides_and_nested_tables(tmp_path: Path) -> None:
         ("[cvm.networking]\ndhcp_start = '10.0.3.1'", "dhcp_start"),
         ("[supervisor]\nsock = ''", "`supervisor.sock`"),
         ("kms_url = 5", "`kms_url`"),
+        ("[server]\nheader_timeout = 0", "`server.header_timeout`: must be > 0"),
+        ("[server]\nbody_timeout = -1.5", "`server.body_timeout`: must be > 0"),
+        ("[server]\nbody_timeout = 'long'", "`server.body_timeout`: expected a number"),
+        ("[server]\nmax_connections = 0", "`server.max_connections`: must be > 0"),
+        ("[server]\nbody_memory = '1M'", "`server.body_memory`: must be at least max_request_body"),
+        ("[server]\nbody_memory_wait = -1", "`server.body_memory_wait`: must be >= 0"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(tmp_path: Path, text: str, message: str) -> None:

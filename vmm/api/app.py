@@ -17,23 +17,28 @@ from vmm.api.logs import logs_route
 from vmm.api.middleware import RequestIdMiddleware
 from vmm.api.servicer import VmmServicer
 from vmm.daemon import Daemon
+from vmm.prpc.body_budget import BodyBudget
 from vmm.prpc.bridge import PrpcBridge, error_payload
 from vmm.rpc import guest_api_pb2, vmm_rpc_pb2
 
 
 def build_app(daemon: Daemon) -> Starlette:
     config = daemon.config
+    # One budget for both mounts: it bounds the memory of all bodies in flight together.
+    body_budget = BodyBudget(config.server.body_memory, config.server.body_memory_wait)
     vmm_bridge = PrpcBridge(
         vmm_rpc_pb2.DESCRIPTOR.services_by_name["Vmm"],
         VmmServicer(daemon),
         max_body=config.max_request_body,
         strip_prefixes=("Teepod.",),
+        body_budget=body_budget,
     )
 
     guest_bridge = PrpcBridge(
         guest_api_pb2.DESCRIPTOR.services_by_name["ProxiedGuestApi"],
         GuestProxyServicer(lambda vm_id: daemon.manager.agent_for(vm_id)),  # noqa: PLW0108
         max_body=config.max_request_body,
+        body_budget=body_budget,
     )
 
     @contextlib.asynccontextmanager

@@ -18,9 +18,17 @@ log = logging.getLogger(__name__)
 
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
+# On every response, errors included. Without nosniff, Chromium sniffs a streamed text/plain
+# body (the /logs follow view) and shows nothing until 1 KiB has arrived; SAMEORIGIN keeps the
+# console from being framed by another site.
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"SAMEORIGIN"),
+)
+
 
 class RequestIdMiddleware:
-    """Echo a sane ``X-Request-Id`` or make one; add ``X-App-Version``; turn bugs into a 500."""
+    """Echo a sane ``X-Request-Id`` or make one; add common headers; turn bugs into a 500."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -42,6 +50,7 @@ class RequestIdMiddleware:
             (b"x-request-id", request_id.encode()),
             (b"x-app-version", __version__.encode()),
             (b"x-accel-buffering", b"no"),
+            *SECURITY_HEADERS,
         ]
         started = False
 
@@ -50,7 +59,9 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 message = dict(message)
-                message["headers"] = [*message.get("headers", []), *extra]
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                message["headers"] = [*headers, *(h for h in extra if h[0] not in present)]
             await send(message)
 
         try:

@@ -2,21 +2,27 @@
 
 Sockets are bound here rather than by uvicorn because uvicorn's ``uds`` mode makes the socket
 world-writable; ours is 0600 from the moment it exists (the umask is tightened around bind).
+Each listener is served with the connection guard (``vmm.api.connection_guard``): deadlines for
+request heads and bodies, and its own connection cap.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
 
-from vmm.core.config import Config, parse_address
+from vmm.api.connection_guard import Deadlines, ListenerSlots, ThrottledLog, protocol_factory
+from vmm.core.config import Config, ServerConfig, parse_address
 from vmm.core.exceptions import ConfigError
 from vmm.core.unix_socket import SocketPathTaken, bind_private
 
@@ -86,10 +92,59 @@ def describe(sock: socket.socket) -> str:
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
         return f"unix:{name}"
+    if sock.family == socket.AF_VSOCK:
+        return f"vsock:{name[0]}:{name[1]}"
     return f"tcp:{name[0]}:{name[1]}"
 
 
-class _Server(uvicorn.Server):
+def log_fd_exhaustion_once_per_interval(loop: asyncio.AbstractEventLoop) -> None:
+    """Report accept() failing for want of descriptors as one line per interval.
+
+    asyncio logs each failure with a traceback and retries every second, per listener, for as
+    long as the descriptors stay exhausted.
+    """
+    exhausted = ThrottledLog(
+        "accepting connections failed %d time(s): out of file descriptors; new connections "
+        "wait in the listen backlog until open ones close",
+        logger=log,
+    )
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE) \
+                and "socket" in context:
+            exhausted.count()
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+class _GuardedServer(uvicorn.Server):
+    """A uvicorn server that serves each listener with the connection guard."""
+
+    def __init__(self, config: uvicorn.Config, limits: ServerConfig) -> None:
+        super().__init__(config)
+        self.limits = limits
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # Given no sockets, uvicorn runs the lifespan and serves nothing; serving each listener
+        # here gives it its own protocol factory, hence its own connection cap.
+        await super().startup(sockets=[])
+        if self.should_exit:
+            return
+        loop = asyncio.get_running_loop()
+        deadlines = Deadlines(head=self.limits.header_timeout, body=self.limits.body_timeout)
+        for sock in sockets or []:
+            slots = ListenerSlots(describe(sock), self.limits.max_connections)
+            factory = protocol_factory(
+                self.config, self.server_state, self.lifespan.state, slots, deadlines
+            )
+            server = await loop.create_server(factory, sock=sock, backlog=self.config.backlog)
+            self.servers.append(server)
+
+
+class _Server(_GuardedServer):
     """A uvicorn server whose signals only ask it to exit.
 
     uvicorn re-raises SIGTERM after shutting down, killing the process before our cleanup
@@ -107,7 +162,7 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-class _QuietServer(uvicorn.Server):
+class _QuietServer(_GuardedServer):
     """A server that leaves signals to the main one."""
 
     @contextlib.contextmanager
@@ -115,10 +170,15 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-async def serve_quietly(app: ASGIApp, sockets: list[socket.socket]) -> None:
+async def serve_quietly(
+    app: ASGIApp, sockets: list[socket.socket], limits: ServerConfig | None = None
+) -> None:
     """A second, signal-free server (the vsock host API); it stops when cancelled."""
     server = _QuietServer(
-        uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False)
+        uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="off", server_header=False, ws="none"
+        ),
+        limits or ServerConfig(),
     )
     await server.serve(sockets=sockets)
 
@@ -132,8 +192,12 @@ async def serve(app: ASGIApp, config: Config, sockets: list[socket.socket]) -> N
         lifespan="on",
         timeout_graceful_shutdown=5,
         server_header=False,
+        # No route speaks WebSocket, and a connection handed to a WebSocket protocol would
+        # escape the connection guard.
+        ws="none",
     )
-    server = _Server(server_config)
+    log_fd_exhaustion_once_per_interval(asyncio.get_running_loop())
+    server = _Server(server_config, config.server)
     for sock in sockets:
         log.info("listening on %s", describe(sock))
     await server.serve(sockets=sockets)

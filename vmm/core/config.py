@@ -196,6 +196,24 @@ class KeyProviderConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """How the API listeners treat slow, numerous or heavy clients (all keys are ours)."""
+
+    # Seconds a client has to send a whole request head (from connecting, or from the first
+    # byte of a later request on a kept-alive connection); then it gets a 408 and is closed.
+    header_timeout: float = 10.0
+    # Seconds a client has to send a whole request body once the head is in; then it is closed.
+    body_timeout: float = 60.0
+    # Open connections per listener; past it, the oldest connection still waiting for a request
+    # head is closed to make room, or the newcomer gets a 503 when every connection is busy.
+    max_connections: int = 512
+    # Bytes all request bodies being read or handled may hold together.
+    body_memory: Size = 40 * 1024 * 1024
+    # Seconds a request waits for body_memory to free up before it gets a 503.
+    body_memory_wait: float = 2.0
+
+
+@dataclass(frozen=True)
 class Config:
     # One listen address, or several served by the same process: "tcp:HOST:PORT" | "unix:PATH".
     address: str | tuple[str, ...] = DEFAULT_ADDRESS
@@ -213,6 +231,7 @@ class Config:
     libvirt: LibvirtConfig = LibvirtConfig()
     host_api: HostApiConfig = HostApiConfig()
     key_provider: KeyProviderConfig = KeyProviderConfig()
+    server: ServerConfig = ServerConfig()
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -249,6 +268,7 @@ def validate(config: Config) -> Config:
     _positive("event_buffer_size", config.event_buffer_size)
     if config.max_request_body < 1024:
         raise ConfigError("`max_request_body`: must be at least 1K")
+    _check_server(config.server, config.max_request_body)
     cvm = config.cvm
     if cvm.cid_start < 3:
         raise ConfigError("`cvm.cid_start`: must be >= 3 (0-2 are reserved by vsock)")
@@ -301,6 +321,21 @@ def validate(config: Config) -> Config:
     if not 0 < config.host_api.port < 2**32:
         raise ConfigError("`host_api.port`: must be a positive 32-bit port")
     return config
+
+
+def _check_server(server: ServerConfig, max_request_body: int) -> None:
+    if not server.header_timeout > 0:
+        raise ConfigError(f"`server.header_timeout`: must be > 0, got {server.header_timeout}")
+    if not server.body_timeout > 0:
+        raise ConfigError(f"`server.body_timeout`: must be > 0, got {server.body_timeout}")
+    _positive("server.max_connections", server.max_connections)
+    if server.body_memory < max_request_body:
+        raise ConfigError(
+            f"`server.body_memory`: must be at least max_request_body ({max_request_body} bytes),"
+            f" got {server.body_memory}"
+        )
+    if not server.body_memory_wait >= 0:
+        raise ConfigError(f"`server.body_memory_wait`: must be >= 0, got {server.body_memory_wait}")
 
 
 def parse_address(address: str) -> tuple[Literal["tcp", "unix"], str, int]:

@@ -11,10 +11,11 @@ request's encoding, and so do errors: ``{"error", "message", "code"}`` or ``prpc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,12 +23,20 @@ from typing import Any, Protocol
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from vmm.core.exceptions import OUT_OF_SPACE, PayloadTooLarge, StorageError, UnknownMethod, VmmError
+from vmm.core.exceptions import (
+    OUT_OF_SPACE,
+    BadRequest,
+    PayloadTooLarge,
+    StorageError,
+    UnknownMethod,
+    VmmError,
+)
 from vmm.prpc import codec
+from vmm.prpc.body_budget import BodyBudget, BodyClaim
 from vmm.rpc import prpc_pb2
 
 log = logging.getLogger(__name__)
@@ -70,9 +79,11 @@ class PrpcBridge:
         *,
         max_body: int,
         strip_prefixes: tuple[str, ...] = (),
+        body_budget: BodyBudget | None = None,
     ) -> None:
         self.service = service
         self.max_body = max_body
+        self.body_budget = body_budget
         self.strip_prefixes = strip_prefixes
         self.methods = {m.name: self._bind(m, servicer) for m in service.methods}
 
@@ -106,18 +117,29 @@ class PrpcBridge:
         use_json = wants_json(request)
         query: str | None = None
         body = b""
-        if request.method == "GET":
-            query = request.url.query
-        else:
-            try:
-                body = await read_body(request, self.max_body)
-            except VmmError as exc:
-                return error_response(exc, use_json=use_json)
-        status, media_type, payload = await self.dispatch(
-            request.path_params["method"], body, use_json=use_json, ctx=call_context(request),
-            query=query,
-        )
+        # The claim lasts until the handler is done: the body (and what is decoded from it) is
+        # held in memory all that time.
+        async with self._claim() as claim:
+            if request.method == "GET":
+                query = request.url.query
+            else:
+                try:
+                    body = await read_body(request, self.max_body, claim)
+                except VmmError as exc:
+                    return error_response(exc, use_json=use_json)
+            status, media_type, payload = await self.dispatch(
+                request.path_params["method"], body, use_json=use_json,
+                ctx=call_context(request), query=query,
+            )
         return Response(payload, status_code=status, media_type=media_type)
+
+    @contextlib.asynccontextmanager
+    async def _claim(self) -> AsyncIterator[BodyClaim | None]:
+        if self.body_budget is None:
+            yield None
+        else:
+            async with self.body_budget.claim() as claim:
+                yield claim
 
     async def dispatch(
         self, name: str, body: bytes, *, use_json: bool, ctx: CallContext, query: str | None = None
@@ -168,18 +190,31 @@ def wants_json(request: Request) -> bool:
     return content_type in (JSON_TYPE, "text/json") or content_type.endswith("+json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the request body, refusing (and reading no further) past ``limit`` bytes."""
+async def read_body(request: Request, limit: int, claim: BodyClaim | None = None) -> bytes:
+    """Read the request body, refusing (and reading no further) past ``limit`` bytes.
+
+    With a ``claim``, the bytes are counted against the process-wide body budget first.
+    """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"payload too large: {declared} bytes (limit {limit})")
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"payload too large: {declared} bytes (limit {limit})")
+        if claim is not None:
+            await claim.cover(int(declared))
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"payload too large: more than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"payload too large: more than {limit} bytes")
+            if claim is not None:
+                await claim.cover(size)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The server closed a body that took too long, or the client left: nobody will read an
+        # answer, and this is no bug to log with a traceback.
+        raise BadRequest("request body incomplete: the client left or was too slow") from None
     return b"".join(chunks)
 
 

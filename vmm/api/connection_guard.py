@@ -1,0 +1,263 @@
+"""Bounds on slow and numerous HTTP clients, which uvicorn does not have.
+
+uvicorn closes a kept-alive connection that stays idle, but nothing bounds the time a client
+takes to send a request: every byte received disarms the keep-alive timer, and a connection
+that sends nothing at all never has one. A client that sends half a request head, or a body
+that never ends, holds its connection (and a file descriptor) for ever; twenty thousand of them
+exhausted the daemon's descriptors. ``GuardedH11Protocol`` adds:
+
+- a head deadline, from the connection's start (or from the first byte of a later request on a
+  kept-alive connection) until the request head is complete; then the client gets a 408;
+- a body deadline, from the end of the head until the end of the body; then the connection is
+  closed, and the handler already running sees the client leave;
+- a cap per listener: a connection past it makes room by closing the listener's connection
+  that has waited longest for a request head (the cheapest to lose and, under a slow-client
+  flood, almost surely part of it); when every connection is busy the newcomer gets a 503.
+
+Each kind of event is logged at most once per interval with a count, never once per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Literal
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
+
+from vmm.api.middleware import SECURITY_HEADERS
+
+log = logging.getLogger(__name__)
+
+LOG_INTERVAL = 10.0
+
+
+class ThrottledLog:
+    """Counts one kind of event; logs the first at once, then one line per interval at most.
+
+    Call :meth:`count` on the event loop: the summary of a burst is flushed by a loop timer.
+    """
+
+    def __init__(
+        self, template: str, interval: float = LOG_INTERVAL, logger: logging.Logger = log
+    ) -> None:
+        self.template = template  # one %d: how many events the line stands for
+        self.interval = interval
+        self.logger = logger
+        self.pending = 0
+        self._last = float("-inf")
+        self._timer: asyncio.TimerHandle | None = None
+
+    def count(self) -> None:
+        self.pending += 1
+        if self._timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._last + self.interval - loop.time()
+        if wait <= 0:
+            self.flush()
+        else:
+            self._timer = loop.call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        self._timer = None
+        if self.pending:
+            self.logger.warning(self.template, self.pending)
+            self.pending = 0
+            self._last = asyncio.get_running_loop().time()
+
+
+def plain_response(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 error response that closes the connection, in the API's JSON form.
+
+    Written straight to the transport: it answers requests the application never saw.
+    """
+    code = {408: "DEADLINE_EXCEEDED", 503: "UNAVAILABLE"}.get(status, "INVALID_ARGUMENT")
+    body = json.dumps({"error": message, "message": message, "code": code}).encode()
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode(),
+        b"content-type: application/json",
+        b"content-length: " + str(len(body)).encode(),
+        b"connection: close",
+        *(name + b": " + value for name, value in SECURITY_HEADERS),
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    head: float
+    body: float
+
+
+class ListenerSlots:
+    """The connections of one listener, and which of them wait for a request head."""
+
+    def __init__(self, name: str, cap: int) -> None:
+        self.name = name
+        self.cap = cap
+        name = name.replace("%", "%%")  # it goes into log templates
+        self.open: set[GuardedH11Protocol] = set()
+        # Insertion-ordered: the first key has waited longest.
+        self.waiting: dict[GuardedH11Protocol, None] = {}
+        self.head_timeouts = ThrottledLog(
+            f"{name}: closed %d connection(s) that did not send a request head in time"
+        )
+        self.body_timeouts = ThrottledLog(
+            f"{name}: closed %d connection(s) that did not send a request body in time"
+        )
+        self.evicted = ThrottledLog(
+            f"{name}: {cap} connections open (server.max_connections); closed %d that "
+            "waited longest for a request head to make room"
+        )
+        self.refused = ThrottledLog(
+            f"{name}: {cap} connections open and all busy (server.max_connections); refused %d"
+        )
+
+    def admit(self, conn: GuardedH11Protocol) -> bool:
+        if len(self.open) >= self.cap:
+            victim = next(iter(self.waiting), None)
+            if victim is None:
+                self.refused.count()
+                return False
+            self.evicted.count()
+            victim.close()
+        self.open.add(conn)
+        return True
+
+    def mark_waiting(self, conn: GuardedH11Protocol, *, newly: bool = False) -> None:
+        if newly:
+            self.waiting.pop(conn, None)
+        if conn in self.open:
+            self.waiting.setdefault(conn, None)
+
+    def mark_busy(self, conn: GuardedH11Protocol) -> None:
+        self.waiting.pop(conn, None)
+
+    def release(self, conn: GuardedH11Protocol) -> None:
+        self.open.discard(conn)
+        self.waiting.pop(conn, None)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with head and body deadlines and a listener's connection cap."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        *,
+        slots: ListenerSlots,
+        deadlines: Deadlines,
+    ) -> None:
+        super().__init__(config, server_state, app_state)
+        self.slots = slots
+        self.deadlines = deadlines
+        self._timer: asyncio.TimerHandle | None = None
+        self._awaiting: Literal["head", "body"] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self.slots.admit(self):
+            message = f"too many connections ({self.slots.cap}); retry shortly"
+            transport.write(plain_response(503, message))
+            transport.close()
+            return
+        self.slots.mark_waiting(self)
+        self._expect("head")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._expect(None)
+        self.slots.release(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._follow_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        pending, _ = self.conn.trailing_data
+        if self.conn.their_state is h11.IDLE and not pending:
+            # Idle between requests: uvicorn's keep-alive timer bounds this wait.
+            self._expect(None)
+            self.slots.mark_waiting(self, newly=True)
+        else:
+            self._follow_request()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's own 400 lacks the headers every response carries.
+        self._expect(None)
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # no answer started yet
+            self.transport.write(plain_response(400, msg))
+        self.transport.close()
+
+    def close(self) -> None:
+        """Drop the connection now (the listener needs its slot)."""
+        self._expect(None)
+        self.slots.release(self)
+        self.transport.close()
+
+    def _follow_request(self) -> None:
+        if self.transport.is_closing():
+            return
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            self.slots.mark_waiting(self)
+            self._expect("head")
+        elif state is h11.SEND_BODY:
+            self.slots.mark_busy(self)
+            self._expect("body")
+        else:
+            self.slots.mark_busy(self)
+            self._expect(None)
+
+    def _expect(self, part: Literal["head", "body"] | None) -> None:
+        """Arm the deadline for ``part`` unless it already runs; None disarms."""
+        if part is not None and part == self._awaiting:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._awaiting = part
+        if part is not None:
+            delay = self.deadlines.head if part == "head" else self.deadlines.body
+            self._timer = self.loop.call_later(delay, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        part, self._timer, self._awaiting = self._awaiting, None, None
+        if self.transport.is_closing():
+            return
+        if part == "head":
+            self.slots.head_timeouts.count()
+            seconds = f"{self.deadlines.head:g}"
+            message = f"request head not received within {seconds} s (server.header_timeout)"
+            self.transport.write(plain_response(408, message))
+        else:
+            self.slots.body_timeouts.count()
+        self.transport.close()
+
+
+def protocol_factory(
+    config: uvicorn.Config,
+    server_state: ServerState,
+    app_state: dict[str, Any],
+    slots: ListenerSlots,
+    deadlines: Deadlines,
+) -> Callable[[], GuardedH11Protocol]:
+    """What ``loop.create_server`` needs for one listener."""
+
+    def make() -> GuardedH11Protocol:
+        return GuardedH11Protocol(config, server_state, app_state, slots=slots, deadlines=deadlines)
+
+    return make
