@@ -71,7 +71,7 @@ from tests.support.fuzz_requests import (
 )
 from tests.support.fuzz_strategies import Corpus, RawJson, dump_json, encode_query, query_pairs
 from tests.support.vm_ops import COMPOSE, FAKE_IMAGE
-from vmm import codec
+from vmm.prpc import codec
 from vmm.rpc import guest_api_pb2, vmm_rpc_pb2
 
 # Hypothesis caches (unicode tables, constants) go to /tmp, never into the repository.

@@ -30,7 +30,7 @@ from tests.support.fuzz_strategies import (
     message_type_of,
     query_pairs,
 )
-from vmm import codec
+from vmm.prpc import codec
 
 STRING_POISONS = (
     ".", "..", "a/b", "a\nb",  # a name that becomes a path: the root itself, its parent, a subdir

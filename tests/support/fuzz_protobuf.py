@@ -16,7 +16,7 @@ from google.protobuf.message_factory import GetMessageClass
 from hypothesis import strategies as st
 
 from tests.support.fuzz_strategies import MAX_DEPTH, Corpus, message_type_of, strings
-from vmm import codec
+from vmm.prpc import codec
 
 _VARINT, _I64, _LEN, _SGROUP, _EGROUP, _I32 = 0, 1, 2, 3, 4, 5
 _VARINT_TYPES = frozenset({
