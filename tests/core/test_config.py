@@ -120,6 +120,12 @@ def test_overrides_and_nested_tables(tmp_path: Path) -> None:
         ("[server]\nmax_connections = 0", "`server.max_connections`: must be > 0"),
         ("[server]\nbody_memory = '1M'", "`server.body_memory`: must be at least max_request_body"),
         ("[server]\nbody_memory_wait = -1", "`server.body_memory_wait`: must be >= 0"),
+        ("[cvm.port_mapping]\naddress = 'localhost'", "`cvm.port_mapping.address`: 'localhost'"),
+        ("[cvm.port_mapping]\naddress = '::1'", "is not an IPv4 address"),
+        ("[cvm.port_mapping]\naddress = '127.0.0.1,guestfwd=x'", "`cvm.port_mapping.address`"),
+        ("[cvm]\nbackend = 'xen'", "`cvm.backend`: expected one of"),
+        ("[libvirt]\nuri = ''", "`libvirt.uri`: must not be empty"),
+        ("[libvirt]\ndomain_prefix = 'a/b'", "`libvirt.domain_prefix`"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(tmp_path: Path, text: str, message: str) -> None:

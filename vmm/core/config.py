@@ -295,7 +295,12 @@ def validate(config: Config) -> Config:
         key = f"cvm.port_mapping.range[{i}]"
         if not 1 <= port_range.from_port <= port_range.to_port <= 65535:
             raise ConfigError(f"`{key}`: need 1 <= from <= to <= 65535")
-    _check_ip("cvm.port_mapping.address", cvm.port_mapping.address)
+    try:
+        ipaddress.IPv4Address(cvm.port_mapping.address)
+    except ValueError:
+        # QEMU 7.2's hostfwd takes IPv4 only, and the address is written into its option text.
+        raise ConfigError(f"`cvm.port_mapping.address`: {cvm.port_mapping.address!r} is not an "
+                          "IPv4 address") from None
     net = cvm.networking
     try:
         network = ipaddress.IPv4Network(net.net, strict=True)
