@@ -120,6 +120,15 @@ def test_user_nic_netdev_equals_the_qemu_argv() -> None:
         ",restrict=yes,hostfwd=tcp:127.0.0.1:18080-:8000,hostfwd=udp:10.9.8.7:18080-:53")
 
 
+def test_a_forward_that_would_leave_its_option_is_refused() -> None:
+    """A host address carrying QEMU option text never reaches the injected -netdev."""
+    spec, config = ports_case()
+    evil = replace(spec.manifest.port_map[0], address="::1%x,guestfwd=tcp:10.0.2.100:1234-cmd:id")
+    spec = replace(spec, manifest=replace(spec.manifest, port_map=(evil,)))
+    with pytest.raises(ValueError, match="not a plain IP address literal"):
+        build_domain_xml(spec, config)
+
+
 def test_injected_devices_sit_on_high_pcie0_slots() -> None:
     """Injected PCI devices take pcie.0 slots 0x18 up, clear of libvirt's root ports."""
     spec, config = extras_case()

@@ -34,10 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmm.backend.base import LaunchSpec
-from vmm.backend.qemu.argv import AGENT_PORT_NAME, HOST_API_PORT_NAME, effective_tee, resolve_networks
+from vmm.backend.qemu.argv import (
+    AGENT_PORT_NAME,
+    HOST_API_PORT_NAME,
+    Sizing,
+    effective_tee,
+    hostfwd,
+    resolve_networks,
+    size_guest,
+)
 from vmm.core.config import Config, CvmConfig, ProductConfig
 from vmm.host.capabilities import Tee
-from vmm.model.manifest import PortMap
 from vmm.model.workdir import AGENT_SOCKET, DISK, HOST_API_SOCKET
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -66,11 +73,6 @@ class DomainMeta:
     workdir: str
 
 
-@dataclass(frozen=True)
-class _Sizing:
-    vcpus: int
-    memory_mb: int
-    nodes: tuple[tuple[int, int], ...]  # hugepages only: (host node, GPUs on it) per guest node
 
 
 def domain_name(vm_id: str, prefix: str = DOMAIN_PREFIX) -> str:
@@ -116,7 +118,7 @@ def build_domain_xml(spec: LaunchSpec, config: Config, prefix: str = DOMAIN_PREF
     gpus = spec.gpu_slots if cvm.gpu.enabled else ()
     bridges = spec.bridge_slots if cvm.gpu.enabled else ()
     addresses = [_pci_address(slot) for slot in (*gpus, *bridges)]
-    sizing = _sizing(spec, gpus)
+    sizing = size_guest(spec, gpus)
 
     domain = ET.Element("domain", type="kvm" if spec.host.accel == "kvm" else "qemu")
     _text(domain, "name", domain_name(spec.manifest.id, prefix))
@@ -208,20 +210,8 @@ def _opt(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
-def _sizing(spec: LaunchSpec, gpus: tuple[str, ...]) -> _Sizing:
-    # The same rounding as the QEMU argv: NUMA cells must add up to the RAM size.
-    vcpus = max(1, spec.manifest.vcpu)
-    if not spec.manifest.hugepages:
-        return _Sizing(vcpus, spec.manifest.memory, ())
-    per_node = Counter(spec.numa_node_of(slot) for slot in gpus) or Counter({0: 0})
-    nodes = tuple(sorted(per_node.items()))
-    n = len(nodes)
-    mem_gib = _round_up(max(1, _round_up(spec.manifest.memory, 1024) // 1024), n)
-    return _Sizing(_round_up(vcpus, n), mem_gib * 1024, nodes)
 
 
 def _pci_address(slot: str) -> dict[str, str]:
@@ -283,7 +273,7 @@ def _os(domain: ET.Element, spec: LaunchSpec, has_sysinfo: bool) -> None:
         ET.SubElement(os_element, "smbios", mode="sysinfo")
 
 
-def _cpu(domain: ET.Element, spec: LaunchSpec, sizing: _Sizing) -> None:
+def _cpu(domain: ET.Element, spec: LaunchSpec, sizing: Sizing) -> None:
     model = spec.host.cpu_model
     if model == "host":
         cpu = ET.SubElement(domain, "cpu", mode="host-passthrough", check="none")
@@ -348,7 +338,7 @@ def _pci_root(devices: ET.Element, cvm: CvmConfig) -> None:
 
 def _gpus(
     devices: ET.Element, spec: LaunchSpec, gpus: tuple[str, ...],
-    addresses: list[dict[str, str]], sizing: _Sizing,
+    addresses: list[dict[str, str]], sizing: Sizing,
 ) -> None:  # fmt: skip
     expander_index = {}
     for k, (host_node, _) in enumerate(sizing.nodes):
@@ -381,11 +371,6 @@ def _gpus(
                       slot="0x00", function="0x0")  # fmt: skip
 
 
-def _hostfwd(mapping: PortMap, default_address: str) -> str:
-    address = mapping.address or default_address
-    if ":" in address and not address.startswith("["):
-        address = f"[{address}]"
-    return f"hostfwd={mapping.protocol}:{address}:{mapping.host_port}-:{mapping.vm_port}"
 
 
 def _nics(devices: ET.Element, injected: _Injected, spec: LaunchSpec, config: Config) -> None:
@@ -405,7 +390,7 @@ def _nics(devices: ET.Element, injected: _Injected, spec: LaunchSpec, config: Co
             # slirp binds each host port once; a second user NIC cannot forward the same ports.
             if not forwarded:
                 address = config.cvm.port_mapping.address
-                netdev += "".join("," + _hostfwd(p, address) for p in spec.manifest.port_map)
+                netdev += "".join("," + hostfwd(p, address) for p in spec.manifest.port_map)
                 forwarded = True
         else:
             netdev = nic.netdev

@@ -79,7 +79,9 @@ class ResolvedNic:
 
 
 @dataclass(frozen=True)
-class _Sizing:
+class Sizing:
+    """The guest's vCPUs and memory after NUMA rounding (shared with the libvirt domain)."""
+
     vcpus: int
     memory_mb: int
     nodes: tuple[tuple[int, int], ...]  # hugepages only: (host node, GPUs on it) per guest node
@@ -147,7 +149,7 @@ def build_qemu_argv(spec: LaunchSpec, config: Config) -> list[str]:
     for slot in (*gpus, *bridges):
         if not _PCI_SLOT.match(slot):
             raise ValueError(f"bad PCI slot {slot!r}: only hex digits, ':' and '.' are allowed")
-    sizing = _sizing(spec, gpus)
+    sizing = size_guest(spec, gpus)
     argv = _command_prefix(spec, cvm, gpus)
     argv += _base(spec)
     argv += _firmware(spec, cvm, snp)
@@ -186,15 +188,15 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _sizing(spec: LaunchSpec, gpus: tuple[str, ...]) -> _Sizing:
+def size_guest(spec: LaunchSpec, gpus: tuple[str, ...]) -> Sizing:
     vcpus = max(1, spec.manifest.vcpu)
     if not spec.manifest.hugepages:
-        return _Sizing(vcpus, spec.manifest.memory, ())
+        return Sizing(vcpus, spec.manifest.memory, ())
     per_node = Counter(spec.numa_node_of(slot) for slot in gpus) or Counter({0: 0})
     nodes = tuple(sorted(per_node.items()))
     n = len(nodes)
     mem_gib = _round_up(max(1, _round_up(spec.manifest.memory, 1024) // 1024), n)
-    return _Sizing(_round_up(vcpus, n), mem_gib * 1024, nodes)
+    return Sizing(_round_up(vcpus, n), mem_gib * 1024, nodes)
 
 
 def _command_prefix(spec: LaunchSpec, cvm: CvmConfig, gpus: tuple[str, ...]) -> list[str]:
@@ -258,7 +260,7 @@ def _disks(spec: LaunchSpec, snp: bool) -> list[str]:
     return argv
 
 
-def _hostfwd(mapping: PortMap, default_address: str) -> str:
+def hostfwd(mapping: PortMap, default_address: str) -> str:
     """One ``hostfwd=`` option of the user netdev; a piece that could end it is refused.
 
     The pieces are not comma-escaped (``,,`` is no valid address or port), so each must be
@@ -301,7 +303,7 @@ def _nics(spec: LaunchSpec, config: Config, snp: bool) -> list[str]:
             # slirp binds each host port once; a second user NIC cannot forward the same ports.
             if not forwarded:
                 address = config.cvm.port_mapping.address
-                netdev += "".join("," + _hostfwd(p, address) for p in spec.manifest.port_map)
+                netdev += "".join("," + hostfwd(p, address) for p in spec.manifest.port_map)
                 forwarded = True
         elif nic.mode == "bridge":
             netdev = f"bridge,id={nic.netdev_id},br={_opt(nic.bridge)}"
@@ -383,7 +385,7 @@ def _host_share(spec: LaunchSpec, cvm: CvmConfig, snp: bool) -> list[str]:
     ]  # fmt: skip
 
 
-def _numa(sizing: _Sizing) -> list[str]:
+def _numa(sizing: Sizing) -> list[str]:
     argv: list[str] = []
     n = len(sizing.nodes)
     if not n:
@@ -406,7 +408,7 @@ def _numa(sizing: _Sizing) -> list[str]:
     return argv
 
 
-def _machine(spec: LaunchSpec, cvm: CvmConfig, tee: Tee, sizing: _Sizing) -> list[str]:
+def _machine(spec: LaunchSpec, cvm: CvmConfig, tee: Tee, sizing: Sizing) -> list[str]:
     if tee == "none":
         return ["-machine", "q35,kernel-irqchip=split,hpet=off"]
     if tee == "tdx":
