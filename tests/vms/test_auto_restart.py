@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tests.support.idle_image import IDLE_IMAGE
+from tests.support.libvirtd import private_libvirtd
 from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import (
     call,
@@ -22,6 +23,7 @@ from tests.support.vm_ops import (
     idle_daemon,
     pid_gone,
     qemu_pid_of,
+    qemu_pids,
     rpc,
     status_of,
     vm_info,
@@ -104,6 +106,25 @@ def test_killed_qemu_restarts_then_gives_up_once() -> None:
         wait_for("another automatic restart", lambda: restarted_after(vm_dir, third))
         wait_for("a fresh budget's first attempt",
                  lambda: named(client, vm_id, "vmm.auto_restart")[-1] == "attempt 1 of 3: restarted")
+
+
+def test_killed_qemu_restarts_under_libvirt() -> None:
+    """On the libvirt backend too: a SIGKILLed QEMU is seen exited and restarted with backoff."""
+    with private_libvirtd() as libvirtd, short_dir("vmml") as workdir, \
+            idle_daemon(workdir, cvm='backend = "libvirt"',
+                        extra=restart_config() + f'[libvirt]\nuri = "{libvirtd.uri}"\n') as daemon, \
+            daemon.client() as client:
+        state = workdir / "state"
+        vm_id = create(client)
+        first = wait_for("QEMU", lambda: qemu_pids(state))[0]
+        os.kill(first, signal.SIGKILL)
+        wait_for(f"QEMU {first} to die", lambda: pid_gone(first))
+        wait_for("status exited", lambda: status_of(client, vm_id) == "exited")
+        wait_for("the automatic restart", lambda: [p for p in qemu_pids(state) if p != first])
+        wait_for("the restart event", lambda: ("vmm.auto_restart", "attempt 1 of 3: restarted")
+                 in events(vm_info(client, vm_id)))
+        assert status_of(client, vm_id) == "running"
+        assert "vmm.exited" in [name for name, _ in events(vm_info(client, vm_id))]
 
 
 def test_refused_start_counts_as_a_failed_attempt() -> None:
