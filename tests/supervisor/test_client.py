@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import resource
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -211,3 +213,32 @@ async def test_call_cut_off_mid_request(paths: SupervisorPaths, method: str, res
             assert answers(paths.sock)  # restarted either way
     finally:
         kill_supervisor_by_pid_file(paths)
+
+
+async def test_out_of_descriptors_is_unavailable_and_starts_no_second_supervisor(
+    paths: SupervisorPaths,
+) -> None:
+    """With this process out of fds, a call is a 503 saying so; the live supervisor is kept."""
+    async with restarting_client(paths) as client:
+        await client.clear()
+        supervisor_pid = int(paths.pid_file.read_text())
+        fresh = SupervisorClient(paths.sock, launch=launch_of(paths))  # no pooled connection
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fillers: list[int] = []
+        try:
+            in_use = len(list(Path("/proc/self/fd").iterdir()))  # noqa: ASYNC240
+            resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 16, hard))
+            with contextlib.suppress(OSError):
+                while True:
+                    fillers.append(os.open("/dev/null", os.O_RDONLY))
+            with pytest.raises(SupervisorUnavailable, match="out of file descriptors") as caught:
+                await fresh.list()
+            assert caught.value.status_code == 503
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            await fresh.aclose()
+        assert int(paths.pid_file.read_text()) == supervisor_pid
+        assert supervisor_starts(paths) == 1, paths.log_text()
+        assert await client.list() == []

@@ -7,6 +7,7 @@ and a supervisor that does not answer is a ``SupervisorUnavailable`` (503) namin
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import subprocess
@@ -145,10 +146,19 @@ class SupervisorClient:
                 f"supervisor at {self.socket_path} did not answer {method} {path} in time: "
                 f"{type(exc).__name__}"
             ), dead=False, unsent=False) from exc
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, OSError) as exc:
+            if _out_of_descriptors(exc):
+                # Our shortage, not the supervisor's death: restarting it would not help, and
+                # would start a second one beside a healthy supervisor.
+                raise _NoAnswer(SupervisorUnavailable(
+                    f"cannot reach the supervisor at {self.socket_path}: this process is out "
+                    "of file descriptors"
+                ), dead=False, unsent=True) from exc
+            # A connection that failed, or a socket that could not even be made, sent nothing.
+            unsent = isinstance(exc, httpx.ConnectError | OSError)
             raise _NoAnswer(SupervisorUnavailable(
                 f"supervisor unreachable at {self.socket_path}: {exc or type(exc).__name__}"
-            ), dead=True, unsent=isinstance(exc, httpx.ConnectError)) from exc
+            ), dead=True, unsent=unsent) from exc
         try:
             body = response.json()
         except ValueError:
@@ -234,6 +244,18 @@ class _Restarts:
             self._failures, self._next_attempt, self._last_error = 0, 0.0, ""
             log.warning("supervisor restarted (pid %s) on %s; it re-adopts the processes that "
                         "still run", _read_pid(self.launch.pid_file), sock)
+
+
+def _out_of_descriptors(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is EMFILE/ENFILE: this process ran out of fds."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _seg(id: str) -> str:
