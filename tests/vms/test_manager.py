@@ -191,7 +191,8 @@ def lifecycle(client: httpx.Client, image_dir: Path, workdir: Path) -> str:
 
     # Resized and updated while stopped: both apply at the next boot.
     rpc(client, "ResizeVm", {"id": vm_id, "vcpu": 2, "memory": 640, "disk_size": 3})
-    new_compose = COMPOSE.replace("services: {}", "services: {}\n# updated")
+    new_compose = json.dumps({"manifest_version": 2, "name": "demo", "runner": "docker-compose",
+                              "docker_compose_file": "services: {}\n# updated\n"})
     rpc(client, "UpdateVm", {"id": vm_id, "compose_file": new_compose})
     config = vm_info(client, vm_id)["configuration"]
     assert (config["vcpu"], config["memory"], config["disk_size"]) == (2, 640, 3)
