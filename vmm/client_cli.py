@@ -2,7 +2,7 @@
 
 import sys
 
-from vmm.cli_client import build_parser, main
+from vmm.cli_client.main import build_parser, main
 
 __all__ = ["build_parser", "main"]
 

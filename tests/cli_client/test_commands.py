@@ -250,3 +250,10 @@ def test_kms_whitelist_list_add_remove(tmp_path: Path) -> None:
     assert json.loads(ok(run_cli("kms", "list", "--json", home=tmp_path))) == []
     gone = run_cli("kms", "remove", SIGNER, home=tmp_path)
     assert gone.returncode == 1 and "is not in" in gone.stderr
+
+
+def test_get_meta_names_the_config_file(daemon: DaemonProcess) -> None:
+    """GetMeta's config_file (extension field 110) is the absolute path of the daemon's -c file."""
+    with daemon.client(headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        meta = client.post("/prpc/GetMeta?json", json={}).json()
+    assert meta["config_file"] == str((daemon.workdir / "vmm.toml").resolve())
