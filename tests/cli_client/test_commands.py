@@ -257,3 +257,28 @@ def test_get_meta_names_the_config_file(daemon: DaemonProcess) -> None:
     with daemon.client(headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         meta = client.post("/prpc/GetMeta?json", json={}).json()
     assert meta["config_file"] == str((daemon.workdir / "vmm.toml").resolve())
+
+
+def test_deploy_and_update_flags_reach_the_vm(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """deploy/update flags (--net, --hugepages, --pin-numa, --tee, URLs, --app-id) land in the VM."""
+    vm_id = deploy(daemon, tmp_path, "flags", "--stopped", "--net", "user", "--hugepages",
+                   "--pin-numa", "--no-tee", "--gateway-url", "https://gw.example:443",
+                   "--app-id", "0x" + "AB" * 20)
+    shown = info(daemon, tmp_path, vm_id)
+    config = shown["configuration"]
+    assert shown["app_id"] == "ab" * 20
+    assert config["networking"] == {"mode": "user", "bridge_name": ""}  # type: ignore[index]
+    assert (config["hugepages"], config["pin_numa"], config["no_tee"]) == (  # type: ignore[index]
+        True, True, True)
+    assert config["gateway_urls"] == ["https://gw.example:443"]  # type: ignore[index]
+
+    ok(cli(daemon, tmp_path, "update", vm_id, "--tee", "--kms-url", "https://kms.example",
+           "--gateway-url", "https://gw2.example"))
+    config = info(daemon, tmp_path, vm_id)["configuration"]
+    assert config["no_tee"] is False  # type: ignore[index]
+    assert config["kms_urls"] == ["https://kms.example"]  # type: ignore[index]
+    assert config["gateway_urls"] == ["https://gw2.example"]  # type: ignore[index]
+
+    gpu = cli(daemon, tmp_path, "update", vm_id, "--gpu", "18:00.0")
+    assert gpu.returncode == 1 and "GPU passthrough is not enabled" in gpu.stderr
+    ok(cli(daemon, tmp_path, "remove", vm_id))

@@ -132,7 +132,8 @@ def test_env_needs_a_kms_backed_compose(daemon: DaemonProcess, home: Path) -> No
     assert broken.returncode == 1 and "app.env:1: expected KEY=VALUE" in broken.stderr
 
 
-def test_update_with_compose_and_env_keeps_both(daemon: DaemonProcess, home: Path) -> None:
+def test_update_with_compose_and_env_keeps_both(daemon: DaemonProcess, kms: KmsPeer,
+                                                home: Path) -> None:
     """update --compose --env-file: the new compose AND the new env land (dstack bug #707)."""
     vm_id = ok(deploy(daemon, home)).strip()
     app_id = json.loads(ok(cli(daemon, home, "info", vm_id, "--json")))["app_id"]
@@ -148,7 +149,11 @@ def test_update_with_compose_and_env_keeps_both(daemon: DaemonProcess, home: Pat
     assert opened_env(daemon, vm_id, app_id) == {"ONLY": "new"}  # sealed for the VM's app id
 
     (home / "v3.env").write_text("APP_LAUNCH_TOKEN=tok\n")
-    ok(cli(daemon, home, "update-env", vm_id, "--env-file", str(home / "v3.env")))
+    # update-env's --kms-url only says where the key comes from: the VM's KMS URLs stay.
+    ok(cli(daemon, home, "update-env", vm_id, "--env-file", str(home / "v3.env"), "--kms-url",
+           kms.url))
+    assert json.loads(ok(cli(daemon, home, "info", vm_id, "--json")))["configuration"][
+        "kms_urls"] == []
     stored_doc = json.loads((vm_files(daemon, vm_id) / "app-compose.json").read_text())
     assert stored_doc["name"] == "sealed-v2" and stored_doc["allowed_envs"] == ["APP_LAUNCH_TOKEN"]
     assert stored_doc["launch_token_hash"] == hashlib.sha256(b"tok").hexdigest()
