@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -102,7 +103,8 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> None:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
     except BrokenPipeError:
-        pass  # `vmm-cli logs ... | head`
+        # `vmm-cli logs ... | head`: the reader is gone; keep the exit-time flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def top_table(vms: list[dict[str, Any]]) -> str:
