@@ -5,10 +5,10 @@ keeps its imports lean: no dataclasses, typing or argparse unless options are gi
 modules that only serve requests (SysInfo, NetworkInfo, Docker) load on first use.
 
 Boot, as the host sees it (Notify over the host API, and the serial console):
-``boot.progress`` "mounting host share" → "computing instance id" → ``instance.info`` →
-"starting services" → console ``VMM-GUEST-BOOT-OK`` → ``boot.progress`` "done". A failed step
-sends ``boot.error`` with the reason and boot goes on without "done" (the marker is still
-printed: it says the agent finished booting, not that everything worked).
+``boot.progress`` "mounting host share" → "computing instance id" → ``instance.info`` and the
+identity as one JSON line on the console → "starting services" → console ``VMM-GUEST-BOOT-OK``
+→ ``boot.progress`` "done". A failed step sends ``boot.error`` with the reason and boot goes on
+without "done" (the marker is still printed: it says the agent finished booting, not that everything worked).
 """
 
 import contextlib
@@ -248,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.log(problem)
     if first_run:
         notifier.notify("instance.info", ident.instance_info())
+        # As dstack's guest does: the measured identity on the console, one JSON line to grep.
+        console.line(ident.console_line(state.compose_sha256, identity.app_name(config.share_dir)))
 
     report.progress("starting services")
     off = powering_off(console, notifier, config.poweroff, SHUTDOWN_NOTIFY_TIMEOUT)

@@ -45,6 +45,23 @@ class Identity:
             separators=(",", ":"),
         )
 
+    def console_line(self, compose_hash: str | None, app_name: str | None) -> str:
+        """The identity as one JSON line for the serial console, with dstack's AppInfo key names.
+
+        An operator (or dstack's tooling) greps the console for ``compose_hash`` to see what the
+        guest measured; every id is lowercase hex, empty when there is none.
+        """
+        return json.dumps(
+            {
+                "app_id": self.app_id.hex(),
+                "app_name": app_name or "",
+                "compose_hash": compose_hash or "",
+                "instance_id": self.instance_id.hex(),
+                "device_id": self.device_id.hex(),
+            },
+            separators=(",", ":"),
+        )
+
 
 def parse_hex_id(value: object) -> bytes | None:
     """A 20-byte id from hex text (``0x`` optional, any case); None if it is not one."""
@@ -118,14 +135,27 @@ def _write_atomic(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
-def no_instance_id(compose: bytes | None) -> bool:
+def _compose_doc(compose: bytes | None) -> dict[str, object]:
     if compose is None:
-        return False
+        return {}
     try:
         doc = json.loads(compose)
     except ValueError:
-        return False
-    return isinstance(doc, dict) and doc.get("no_instance_id") is True
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def no_instance_id(compose: bytes | None) -> bool:
+    return _compose_doc(compose).get("no_instance_id") is True
+
+
+def app_name(share_dir: Path) -> str | None:
+    """The compose's ``name``, if it has one."""
+    try:
+        name = _compose_doc((share_dir / share.COMPOSE_FILE).read_bytes()).get("name")
+    except OSError:
+        return None
+    return name if isinstance(name, str) else None
 
 
 def compute(

@@ -36,6 +36,7 @@ ALLOWED: dict[str, set[str]] = {
                 "vmm.guest", "vmm.prpc", "guest_proxy.transport"},
     "guest_proxy": {"vmm.prpc", "guest_agent"},
     "guest_agent": set(),  # runs inside the guest: not even vmm.core
+    "vmm.cli_client": set(),  # vmm-cli: a client of the daemon's HTTP API, nothing else
 }
 # Entry points and the composition root may import anything; nothing imports them.
 TOP = ("vmm.api", "vmm.daemon", "vmm.cli", "vmm.client_cli", "vmm.__main__")

@@ -22,14 +22,25 @@ def _config_path(explicit: Path | None) -> Path | None:
     return local if local.is_file() else None
 
 
-def cmd_serve(config: Config) -> int:
+def describe_config(path: Path | None) -> str:
+    return str(path.resolve()) if path is not None else "(embedded defaults)"
+
+
+def cmd_version(path: Path | None) -> int:
+    """The version and the config file this invocation would run with (as a service: /etc)."""
+    print(f"vmm {__version__}")
+    print(f"config: {describe_config(path)}")
+    return 0
+
+
+def cmd_serve(config: Config, path: Path | None) -> int:
     # Imported here so check-config stays light.
     from vmm.api.app import build_app  # noqa: PLC0415
     from vmm.api.auth import warn_if_exposed  # noqa: PLC0415
     from vmm.api.server import listeners, serve  # noqa: PLC0415
     from vmm.daemon import Daemon  # noqa: PLC0415
 
-    daemon = Daemon(config)
+    daemon = Daemon(config, config_file=str(path.resolve()) if path is not None else "")
     app = build_app(daemon)
     tcp_hosts = [where for kind, where, _ in map(parse_address, config.addresses) if kind == "tcp"]
     warn_if_exposed(daemon.authenticator, tcp_hosts)
@@ -44,7 +55,7 @@ def cmd_check_config(config: Config, path: Path | None) -> int:
 
     Authenticator.from_config(config.auth)
     host = detect(config.cvm)
-    where = path or "(embedded defaults)"
+    where = describe_config(path)
     print(f"config OK: {where}")
     print(f"  listen: {', '.join(config.addresses)}")
     print(f"  run_path: {config.run_path}  images: {config.image.path}")
@@ -58,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_help = "vmm.toml (default: ./vmm.toml if present)"
     parser = argparse.ArgumentParser(prog="vmm", description=__doc__)
     parser.add_argument("-c", "--config", type=Path, help=config_help)
-    parser.add_argument("--version", action="version", version=f"vmm {__version__}")
+    parser.add_argument("--version", action="store_true",
+                        help="print the version and the config file in use, then exit")
     # SUPPRESS: a subcommand without -c must not reset a -c given before it to None.
     after = argparse.ArgumentParser(add_help=False)
     after.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, help=config_help)
@@ -73,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path = _config_path(args.config)
+    if args.version:
+        return cmd_version(path)
     try:
         config = load_config(path)
         level = getattr(logging, config.log_level.upper())
@@ -81,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
         if args.command == "check-config":
             return cmd_check_config(config, path)
-        return cmd_serve(config)
+        log.info("vmm %s, config %s", __version__, describe_config(path))
+        return cmd_serve(config, path)
     except ConfigError as exc:
         print(f"vmm: configuration error: {exc.message}", file=sys.stderr)
         return 2

@@ -31,8 +31,10 @@ _UNIX_PATH_MAX = 107
 
 
 class Daemon:
-    def __init__(self, config: Config, probe: HostProbe | None = None) -> None:
+    def __init__(self, config: Config, probe: HostProbe | None = None, *,
+                 config_file: str = "") -> None:
         self.config = config
+        self.config_file = config_file  # where config came from ("" = embedded defaults)
         self.host: HostCapabilities = detect(config.cvm, probe)
         self.kms = KmsClient(config.kms_url)
         self.authenticator = Authenticator.from_config(config.auth)

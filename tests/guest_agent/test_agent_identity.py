@@ -78,3 +78,26 @@ def test_machine_id_gives_the_device_id(tmp_path: Path) -> None:
     mid.write_text("0123456789abcdef0123456789abcdef\n")
     ident, _ = identity.compute(share_with(tmp_path), tmp_path / "state", mid)
     assert ident.device_id == hashlib.sha256(b"0123456789abcdef0123456789abcdef").digest()
+
+
+def test_console_line_is_one_json_line_with_dstack_key_names(tmp_path: Path) -> None:
+    """The console identity is one JSON line with dstack's AppInfo key names and hex ids."""
+    share = share_with(tmp_path)
+    ident, _ = identity.compute(share, tmp_path / "state", tmp_path / "no-mid")
+    line = ident.console_line(hashlib.sha256(COMPOSE).hexdigest(), identity.app_name(share))
+    assert "\n" not in line
+    assert json.loads(line) == {
+        "app_id": hashlib.sha256(COMPOSE).hexdigest()[:40],
+        "app_name": "id-test",
+        "compose_hash": hashlib.sha256(COMPOSE).hexdigest(),
+        "instance_id": ident.instance_id.hex(),
+        "device_id": ident.device_id.hex(),
+    }
+
+
+def test_console_line_without_compose_has_empty_fields(tmp_path: Path) -> None:
+    """Without a compose the identity line still parses, with empty app name and compose hash."""
+    share = share_with(tmp_path, compose=None)
+    ident, _ = identity.compute(share, tmp_path / "state", tmp_path / "no-mid")
+    doc = json.loads(ident.console_line(None, identity.app_name(share)))
+    assert doc["compose_hash"] == "" and doc["app_name"] == "" and doc["app_id"] == ""

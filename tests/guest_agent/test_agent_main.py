@@ -44,6 +44,12 @@ def test_agent_process_reports_boot_serves_and_stops_on_sigterm(tmp_path: Path) 
         assert body["service"] == "vmm-guest"
         assert re.fullmatch(r"[0-9a-f]{64}", body["compose_sha256"])
         assert f"vmm-guest: compose-sha256={body['compose_sha256']}" in text.splitlines()
+        identity = [json.loads(line) for line in text.splitlines() if '"compose_hash"' in line]
+        assert len(identity) == 1, text
+        assert identity[0]["compose_hash"] == body["compose_sha256"]
+        assert identity[0]["app_id"] == body["compose_sha256"][:40]
+        assert identity[0]["app_name"] == "host-run"
+        assert re.fullmatch(r"[0-9a-f]{40}", identity[0]["instance_id"])
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

@@ -1,7 +1,11 @@
 """A small real KMS for tests: serves GetAppEnvEncryptPubKey over HTTP on loopback.
 
 It answers like a dstack KMS (pRPC JSON, hex bytes) with keys derived from the app id, so a test
-can predict the answer and see exactly what the VMM sent.
+can predict the answer and see exactly what the VMM sent. The keys are real: an X25519 key per app
+(``app_private_key`` opens what a client sealed to it) signed with a secp256k1 key the way a
+dstack KMS signs it (``keccak256("dstack-env-encrypt-pubkey" ":" app_id [timestamp] pubkey)``,
+65-byte recoverable signatures). ``kms_peer(signing_key=...)`` makes a peer signing with another
+key, the "wrong KMS" a client must refuse.
 """
 
 from __future__ import annotations
@@ -14,13 +18,33 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from coincurve import PrivateKey
+from Crypto.Hash import keccak
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 TIMESTAMP = 1707500000
+SIGNING_KEY = PrivateKey(hashlib.sha256(b"test-kms-signer").digest())
+#: The signer a client should trust: the compressed public key, hex without 0x.
+SIGNER = SIGNING_KEY.public_key.format(compressed=True).hex()
+OTHER_SIGNING_KEY = PrivateKey(hashlib.sha256(b"some-other-kms").digest())
 
 
-def expected_answer(app_id: bytes) -> dict[str, object]:
-    public_key = hashlib.sha256(b"test-kms-pub" + app_id).digest()
-    signature = hashlib.sha512(b"legacy" + app_id + public_key).digest()[:65].ljust(65, b"\0")
-    signature_v1 = hashlib.sha512(b"v1" + app_id + public_key).digest()[:65].ljust(65, b"\1")
+def app_private_key(app_id: bytes) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(hashlib.sha256(b"test-kms-x25519" + app_id).digest())
+
+
+def _digest(app_id: bytes, public_key: bytes, timestamp: bytes) -> bytes:
+    message = b"dstack-env-encrypt-pubkey" + b":" + app_id + timestamp + public_key
+    return keccak.new(digest_bits=256, data=message).digest()
+
+
+def expected_answer(app_id: bytes, signing_key: PrivateKey = SIGNING_KEY) -> dict[str, object]:
+    public_key = app_private_key(app_id).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    # libsecp256k1 signs deterministically (RFC 6979), so the answer is predictable.
+    signature = signing_key.sign_recoverable(_digest(app_id, public_key, b""), hasher=None)
+    signature_v1 = signing_key.sign_recoverable(
+        _digest(app_id, public_key, TIMESTAMP.to_bytes(8, "big")), hasher=None)
     return {
         "public_key": public_key.hex(),
         "signature": signature.hex(),
@@ -34,11 +58,12 @@ class KmsPeer:
     url: str
     requests: list[tuple[str, bytes]] = field(default_factory=list)
     fail_with: int | None = None
+    signing_key: PrivateKey = SIGNING_KEY
 
 
 @contextmanager
-def kms_peer() -> Iterator[KmsPeer]:
-    peer = KmsPeer(url="")
+def kms_peer(signing_key: PrivateKey = SIGNING_KEY) -> Iterator[KmsPeer]:
+    peer = KmsPeer(url="", signing_key=signing_key)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -56,7 +81,7 @@ def kms_peer() -> Iterator[KmsPeer]:
             except (ValueError, KeyError, TypeError) as exc:
                 self._reply(400, {"error": f"bad request: {exc}"})
                 return
-            self._reply(200, expected_answer(app_id))
+            self._reply(200, expected_answer(app_id, peer.signing_key))
 
         def _reply(self, status: int, payload: dict[str, object]) -> None:
             data = json.dumps(payload).encode()

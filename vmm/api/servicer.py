@@ -114,6 +114,7 @@ class VmmServicer:
                 backend_features=backend.features,
                 backend_unsupported=backend.unsupported,
             ),
+            config_file=self.daemon.config_file,
         )
 
     async def ListImages(self, request: Empty, ctx: CallContext) -> pb.ImageListResponse:

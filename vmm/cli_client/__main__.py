@@ -1,0 +1,5 @@
+import sys
+
+from vmm.cli_client.main import main
+
+sys.exit(main())
