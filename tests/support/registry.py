@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tarfile
 import threading
@@ -196,7 +197,8 @@ class Registry:
         return f"{'https' if self.ca else 'http'}://{self.netloc}"
 
     def client(self) -> httpx.Client:
-        verify: str | bool = str(self.ca.ca_file) if self.ca else False
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(self.ca.ca_file)) if self.ca else False)
         return httpx.Client(base_url=self.base_url, verify=verify, timeout=60)
 
     def kill(self) -> None:

@@ -189,7 +189,7 @@ def _extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, root: Pat
         path.parent.mkdir(parents=True, exist_ok=True)
         os.link(source, path)
     else:
-        kind = "device" if member.isdev() else "FIFO" if member.isfifo() else "special file"
+        kind = "FIFO" if member.isfifo() else "device" if member.isdev() else "special file"
         raise UnpackError(f"layer {layer}: member {member.name!r} is a {kind}; "
                           "an image holds only files, directories and links")
 
