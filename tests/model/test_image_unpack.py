@@ -136,7 +136,7 @@ def test_not_a_tarball(area: tuple[Path, Path], tmp_path: Path) -> None:
     _, staging = area
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"\x1f\x8b this is not gzip" * 50)
-    with pytest.raises(UnpackError, match="layer L: .*(not a valid tar|cannot read)"):
+    with pytest.raises(UnpackError, match=r"layer L: .*(not a valid tar|cannot read)"):
         unpack_layers([("L", junk)], staging / "image")
 
 

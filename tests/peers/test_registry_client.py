@@ -9,6 +9,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,6 @@ from tests.support.registry import (
     Registry,
     TokenIssuer,
     image_manifest,
-    push_blob,
     push_image,
     push_manifest,
     registry_server,
@@ -68,7 +68,7 @@ def test_untrusted_certificate_is_refused(registry: Registry) -> None:
     """Without the CA file the registry's certificate is not trusted, and the error says so."""
     client = RegistryClient(parse_registry(registry.ref))
     try:
-        with pytest.raises(RegistryError, match="unreachable: .*CERTIFICATE_VERIFY_FAILED"):
+        with pytest.raises(RegistryError, match=r"unreachable: .*CERTIFICATE_VERIFY_FAILED"):
             client.list_tags()
     finally:
         client.close()
@@ -79,16 +79,18 @@ def test_docker_media_types_and_index(registry: Registry) -> None:
     amd64 = push_image(registry, "amd64-only", [tar_of(small_image_files(b"a"), gzip=True)],
                        layer_type=DOCKER_LAYER, docker=True)
     arm64 = push_image(registry, "arm64-only", [tar_of(small_image_files(b"b"))])
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+    entries: list[dict[str, Any]] = [
         {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": arm64,
-         "size": 0, "platform": {"os": "linux", "architecture": "arm64"}},
+         "platform": {"os": "linux", "architecture": "arm64"}, "ref": "arm64-only"},
         {"mediaType": "application/vnd.docker.distribution.manifest.v2+json", "digest": amd64,
-         "size": 0, "platform": {"os": "linux", "architecture": "amd64"}},
-    ]}
-    for entry, ref in zip(index["manifests"], ("arm64-only", "amd64-only"), strict=True):
+         "platform": {"os": "linux", "architecture": "amd64"}, "ref": "amd64-only"},
+    ]
+    for entry in entries:
         with registry.client() as http:
-            entry["size"] = len(http.get(f"/v2/{registry.repository}/manifests/{ref}", headers={
-                "Accept": entry["mediaType"]}).content)
+            entry["size"] = len(http.get(
+                f"/v2/{registry.repository}/manifests/{entry.pop('ref')}",
+                headers={"Accept": entry["mediaType"]}).content)
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
     push_manifest(registry, "multi", index, OCI_INDEX)
     client = client_for(registry)
     try:

@@ -143,7 +143,7 @@ def token_server(issuer: TokenIssuer) -> Iterator[str]:
     """Serve ``GET /token?service=..&scope=..`` on a loopback port; yield the realm URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        def do_GET(self) -> None:
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             if query.get("service") != [issuer.service]:
                 self.send_error(400, "wrong service")

@@ -37,7 +37,7 @@ def fake_registry(routes: dict[str, Answer]) -> Iterator[FakeRegistry]:
     fake = FakeRegistry(0, routes)
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        def do_GET(self) -> None:
             fake.requests.append(self.path)
             answer = fake.routes.get(self.path.split("?")[0], Answer(404, b"{}"))
             self.send_response(answer.status)
