@@ -76,14 +76,14 @@ def test_layers_unpack_in_order_and_install(area: tuple[Path, Path], tmp_path: P
     second = layer(tmp_path / "2.tar", {"vmlinuz": b"new kernel", ".wh.old.txt": b""},
                    [member("dir/link", tarfile.SYMTYPE, "a"),
                     member("hard", tarfile.LNKTYPE, "dir/a")])
-    unpack_layers([("one", first), ("two", second)], staging / "image")
+    unpack_layers([("one", first), ("two", second)], staging / "dstack-t")
     final = install(images, staging, "t")
     assert final == images / "dstack-t"
     assert (final / "vmlinuz").read_bytes() == b"new kernel"
     assert not (final / "old.txt").exists()
     assert (final / "dir/link").read_bytes() == b"a" and (final / "hard").read_bytes() == b"a"
     assert load_image(images, "dstack-t").kernel == (final / "vmlinuz").resolve()
-    assert not (staging / "image").exists()
+    assert not (staging / "dstack-t").exists()
 
 
 @pytest.mark.parametrize(("extra", "reason"), [
@@ -110,7 +110,7 @@ def test_escaping_or_special_members_are_refused(
     _, staging = area
     tarball = layer(tmp_path / "evil.tar", GOOD, extra)
     with pytest.raises(UnpackError) as caught:
-        unpack_layers([("sha256:bad", tarball)], staging / "image")
+        unpack_layers([("sha256:bad", tarball)], staging / "dstack-t")
     assert reason in caught.value.message
     # A chain of links is judged after the last layer; every other check names its layer.
     assert "layer sha256:bad: " in caught.value.message or "resolves outside" in reason
@@ -128,7 +128,7 @@ def test_size_limits(area: tuple[Path, Path], tmp_path: Path, limits: Limits,
     _, staging = area
     tarball = layer(tmp_path / "big.tar", GOOD)
     with pytest.raises(UnpackError, match=reason):
-        unpack_layers([("L", tarball)], staging / "image", limits)
+        unpack_layers([("L", tarball)], staging / "dstack-t", limits)
 
 
 def test_not_a_tarball(area: tuple[Path, Path], tmp_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_not_a_tarball(area: tuple[Path, Path], tmp_path: Path) -> None:
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"\x1f\x8b this is not gzip" * 50)
     with pytest.raises(UnpackError, match=r"layer L: .*(not a valid tar|cannot read)"):
-        unpack_layers([("L", junk)], staging / "image")
+        unpack_layers([("L", junk)], staging / "dstack-t")
 
 
 @pytest.mark.parametrize(("files", "reason"), [
@@ -150,7 +150,7 @@ def test_install_requires_a_valid_image(area: tuple[Path, Path], tmp_path: Path,
                                         files: dict[str, bytes], reason: str) -> None:
     """An unpacked tree is installed only when metadata.json parses and names existing files."""
     images, staging = area
-    unpack_layers([("L", layer(tmp_path / "l.tar", files))], staging / "image")
+    unpack_layers([("L", layer(tmp_path / "l.tar", files))], staging / "dstack-t")
     with pytest.raises(UnpackError, match=f"not a valid guest image: .*{reason}"):
         install(images, staging, "t")
     assert not (images / "dstack-t").exists()
@@ -160,7 +160,7 @@ def test_install_refuses_an_existing_image(area: tuple[Path, Path], tmp_path: Pa
     """A pulled tag never replaces an image already present under its name."""
     images, staging = area
     (images / "dstack-t").mkdir()
-    unpack_layers([("L", layer(tmp_path / "l.tar", GOOD))], staging / "image")
+    unpack_layers([("L", layer(tmp_path / "l.tar", GOOD))], staging / "dstack-t")
     with pytest.raises(Conflict, match="'dstack-t' already exists"):
         install(images, staging, "t")
 
@@ -169,7 +169,7 @@ def test_stale_staging_is_cleaned_and_never_listed(area: tuple[Path, Path],
                                                    tmp_path: Path) -> None:
     """A staging area (even a complete-looking one) is not an image, and start deletes it."""
     images, staging = area
-    unpack_layers([("L", layer(tmp_path / "l.tar", GOOD))], staging / "image")
+    unpack_layers([("L", layer(tmp_path / "l.tar", GOOD))], staging / "dstack-t")
     for name, content in GOOD.items():
         (staging / name).write_bytes(content)
     assert list_images(images) == []

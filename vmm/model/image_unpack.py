@@ -1,12 +1,12 @@
 """Unpack a pulled guest image: layer tarballs into a staging directory, then into place.
 
 A pull works in ``<images>/.pull-<tag>/`` (the staging area): blobs in ``blobs/``, the image
-tree in ``image/``. Every tar member is checked before anything is written: a relative path
-without ``..`` that does not pass through a symlink, a regular file, directory or link whose
-target stays inside the tree (no devices, FIFOs or sockets), and bounded sizes. Only when
-``image/`` holds a loadable image (``images.load_image``: metadata.json parses and names files
-that exist) is it renamed to ``<images>/dstack-<tag>``; a rename within one directory is atomic,
-so a half image is never visible under its final name. The daemon deletes stale staging areas
+tree in ``dstack-<tag>/``. Every tar member is checked before anything is written: a relative
+path without ``..`` that does not pass through a symlink, a regular file, directory or link whose
+target stays inside the tree (no devices, FIFOs or sockets), and bounded sizes. Only when that
+tree holds a loadable image (``images.load_image``: metadata.json parses and names files that
+exist) is it moved to ``<images>/dstack-<tag>``; a rename on one file system is atomic, so a
+half image is never visible under its final name. The daemon deletes stale staging areas
 at start, which covers a pull cut short by a restart.
 """
 
@@ -220,13 +220,14 @@ def _check_links_stay_inside(root: Path) -> None:
 
 
 def install(images_dir: Path, staging: Path, tag: str) -> Path:
-    """Check ``staging/image`` is a loadable image, then rename it to ``dstack-<tag>``."""
+    """Check ``staging/dstack-<tag>`` is a loadable image, then move it up into the images dir."""
+    name = local_name(tag)
     try:
-        load_image(staging, "image")
+        load_image(staging, name)
     except (ImageError, NotFound, InvalidField) as exc:
         raise UnpackError(f"the pulled image is not a valid guest image: {exc.message}") from None
-    final = images_dir / local_name(tag)
+    final = images_dir / name
     if final.exists() or final.is_symlink():
-        raise Conflict(f"image {final.name!r} already exists; delete it first")
-    (staging / "image").rename(final)
+        raise Conflict(f"image {name!r} already exists; delete it first")
+    (staging / name).rename(final)
     return final

@@ -79,9 +79,10 @@ class ImagePulls:
         tags = await asyncio.to_thread(self.client.list_tags)
         shown = [t for t in tags if not t.startswith("sha256-")]
         shown += sorted(t for t in self._state if t not in shown)
-        return [self._entry(tag) for tag in shown]
+        return [self.status(tag) for tag in shown]
 
-    def _entry(self, tag: str) -> RegistryImage:
+    def status(self, tag: str) -> RegistryImage:
+        """What is known of ``tag`` without asking the registry."""
         state = self._state.get(tag, PullProgress(tag, ""))
         local = (self.images_dir / image_unpack.local_name(tag)).is_dir() if _safe(tag) else False
         return RegistryImage(tag, local, state.status == "pulling", state.error,
@@ -97,8 +98,8 @@ class ImagePulls:
         if (self.images_dir / image_unpack.local_name(tag)).exists():
             raise Conflict(f"image {image_unpack.local_name(tag)!r} already exists; "
                            "delete it before pulling again")
-        self._publish(PullProgress(tag, "pulling"))
         self._tasks[tag] = asyncio.create_task(self._run(tag, self.client))
+        self._publish(PullProgress(tag, "pulling"))
 
     def pulling(self) -> list[str]:
         return sorted(self._tasks)
@@ -170,7 +171,8 @@ class ImagePulls:
                 path = blobs / layer.digest.removeprefix("sha256:")
                 client.download_blob(layer, path, reporter.add, self._stopping)
                 tarballs.append((layer.digest, path))
-            image_unpack.unpack_layers(tarballs, staging / "image", self.limits)
+            image_unpack.unpack_layers(tarballs, staging / image_unpack.local_name(tag),
+                                       self.limits)
             if self._stopping.is_set():
                 raise RegistryError(f"pull of {tag!r} cancelled: the daemon is stopping")
             image_unpack.install(self.images_dir, staging, tag)
