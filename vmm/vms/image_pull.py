@@ -104,6 +104,12 @@ class ImagePulls:
     def pulling(self) -> list[str]:
         return sorted(self._tasks)
 
+    async def wait(self, tag: str) -> None:
+        """Return once ``tag`` is not pulling (its outcome is then in ``status``)."""
+        task = self._tasks.get(tag)
+        if task is not None:
+            await asyncio.shield(task)
+
     async def close(self) -> None:
         """Stop every pull (between two chunks) and wait until each has cleaned up."""
         self._stopping.set()
