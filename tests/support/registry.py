@@ -26,7 +26,7 @@ import tarfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,7 +340,7 @@ def image_manifest(config: tuple[str, int], layers: list[tuple[str, int]],
     }
 
 
-def push_image(registry: Registry, tag: str, layers: list[bytes | Path], *,
+def push_image(registry: Registry, tag: str, layers: Sequence[bytes | Path], *,
                layer_type: str = OCI_LAYER, docker: bool = False) -> str:
     """Push ``layers`` (tarballs) with a minimal config as ``tag``; return the manifest digest."""
     config = json.dumps({"architecture": "amd64", "os": "linux",
