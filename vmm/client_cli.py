@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,71 @@ def cmd_lsimage(client: Client, args: argparse.Namespace) -> None:
                  ["Name", "Version", "Dev"])
 
 
+def cmd_lsimage_registry(client: Client, args: argparse.Namespace) -> None:
+    """``lsimage --registry``: the configured registry's tags, and which are local or pulling."""
+    tags = client.call("ListRegistryImages")["images"]
+    if args.json:
+        print(json.dumps(tags, indent=2))
+        return
+    rows = [[t["tag"], "yes" if t["local"] else "no", _pull_state(t), t["error"]] for t in tags]
+    _print_table(rows, ["Tag", "Local", "Pull", "Error"])
+
+
+def _pull_state(tag: dict[str, Any]) -> str:
+    total = tag.get("bytes_total") or 0
+    if not tag["pulling"]:
+        return "failed" if tag["error"] else ""
+    return f"{100 * tag['bytes_done'] // total}%" if total else "starting"
+
+
+def cmd_pull(client: Client, args: argparse.Namespace) -> None:
+    """``pull TAG``: start the pull, then draw a progress bar until it ends (or --no-wait)."""
+    client.call("PullRegistryImage", {"tag": args.tag})
+    if args.no_wait:
+        return
+    bar = _ProgressBar(sys.stderr)
+    while True:
+        found = [t for t in client.call("ListRegistryImages")["images"] if t["tag"] == args.tag]
+        tag: dict[str, Any] = found[0] if found else {
+            "pulling": False, "local": False, "error": "the tag is no longer listed"}
+        bar.show(tag.get("bytes_done") or 0, tag.get("bytes_total") or 0)
+        if not tag["pulling"]:
+            break
+        time.sleep(args.interval)
+    bar.end()
+    if tag["error"] or not tag["local"]:
+        raise CliError(f"pull of {args.tag} failed: {tag['error'] or 'no image was installed'}")
+    print(f"dstack-{args.tag}")
+
+
+class _ProgressBar:
+    """``[#####.....]  50%  12.0/24.0 MiB`` redrawn in place on a terminal, else every 10%."""
+
+    WIDTH = 30
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.last_tenth = -1
+
+    def show(self, done: int, total: int) -> None:
+        fraction = done / total if total else 0.0
+        filled = int(fraction * self.WIDTH)
+        line = (f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {fraction:4.0%} "
+                f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB")
+        if self.tty:
+            self.out.write(f"\r{line}")
+        elif int(fraction * 10) != self.last_tenth:
+            self.last_tenth = int(fraction * 10)
+            self.out.write(f"{line}\n")
+        self.out.flush()
+
+    def end(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+            self.out.flush()
+
+
 def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
     request: dict[str, Any] = {
         "name": args.name, "image": args.image, "compose_file": Path(args.compose).read_text(),
@@ -199,9 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("--channel", choices=("serial", "stdout", "stderr"), default="serial")
     p.set_defaults(run=cmd_logs)
-    p = sub.add_parser("lsimage", help="list images")
+    p = sub.add_parser("lsimage", help="list images (--registry: the registry's tags)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=cmd_lsimage)
+    p.add_argument("--registry", action="store_const", dest="run", const=cmd_lsimage_registry,
+                   default=cmd_lsimage)
+    p = sub.add_parser("pull", help="pull an image tag from the registry, with progress")
+    p.add_argument("tag")
+    p.add_argument("--no-wait", action="store_true", help="return once the pull has started")
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between progress polls")
+    p.set_defaults(run=cmd_pull)
     p = sub.add_parser("deploy", help="create (and start) a VM")
     p.add_argument("--name", required=True)
     p.add_argument("--image", required=True)
