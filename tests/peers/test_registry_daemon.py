@@ -126,7 +126,7 @@ def test_cli_pull_draws_progress_and_lists_tags(daemon: DaemonProcess,
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=120,
-                              env=checkout_env())
+                              env=checkout_env(), check=False)
 
     pulled = run("pull", "cli", "--interval", "0.05")
     assert pulled.returncode == 0, pulled.stderr
@@ -157,7 +157,8 @@ def test_registry_down_is_503_naming_it(registry: Registry) -> None:
 def test_plain_http_for_a_remote_registry_is_refused() -> None:
     """registry_plain_http with a non-loopback registry stops the daemon at start, naming it."""
     with short_dir("vmmrcfg") as workdir:
-        with pytest.raises(RuntimeError, match="image.registry_plain_http"):
+        refused = r"`image\.registry_plain_http`: plain http is allowed only for a loopback"
+        with pytest.raises(RuntimeError, match=refused):
             start_daemon(workdir, extra_config='[image]\nregistry = "10.0.0.1:5000/x"\n'
                                                "registry_plain_http = true\n")
 

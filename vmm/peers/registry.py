@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import queue
 import re
 import ssl
 import threading
@@ -29,7 +30,7 @@ from vmm.core.config import RegistryRef
 from vmm.core.exceptions import RegistryError
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
-CHUNK = 1 << 20
+CHUNK = 256 << 10
 MAX_MANIFEST_BYTES = 4 << 20  # Distribution itself refuses manifests over 4 MiB
 MAX_TAGS_PAGES = 100
 
@@ -127,7 +128,7 @@ class RegistryClient:
         written = 0
         try:
             with self._stream(url, what=f"blob {blob.digest[:19]}") as response, \
-                    dest.open("wb") as out:
+                    _FileWriter(dest) as out:
                 for chunk in response.iter_raw(CHUNK):
                     if cancelled is not None and cancelled.is_set():
                         raise Cancelled(f"pull of blob {blob.digest} cancelled")
@@ -136,8 +137,8 @@ class RegistryClient:
                         raise RegistryError(
                             f"blob {blob.digest}: the registry sent more than the "
                             f"{blob.size} bytes the manifest declares")
-                    sha.update(chunk)
                     out.write(chunk)
+                    sha.update(chunk)  # releases the GIL: hashes while the writer writes
                     on_bytes(len(chunk))
         except httpx.HTTPError as exc:
             dest.unlink(missing_ok=True)
@@ -247,6 +248,46 @@ class RegistryClient:
             raise RegistryError(f"token server {realm} sent no token")
         with self._lock:
             self._token = token
+
+
+class _FileWriter:
+    """Writes chunks to a file from a second thread, overlapping with reading and hashing.
+
+    Taking turns instead made a blob download about half as fast as curl. An error of the
+    writer (a full disk) is raised by the next ``write`` or on leaving the ``with`` block.
+    """
+
+    DEPTH = 16  # chunks in flight: bounded, so a slow disk slows the download, not memory
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("wb")
+        self._queue: queue.Queue[bytes | None] = queue.Queue(self.DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._file.write(chunk)
+                except BaseException as exc:  # kept for the reader, which raises it
+                    self._error = exc
+
+    def write(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(chunk)
+
+    def __enter__(self) -> _FileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._file.close()
+        if self._error is not None and exc[0] is None:
+            raise self._error
 
 
 def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
