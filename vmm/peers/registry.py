@@ -127,7 +127,9 @@ class RegistryClient:
         sha = hashlib.sha256()
         written = 0
         try:
-            with self._stream(url, what=f"blob {blob.digest[:19]}") as response, \
+            # identity: the digest is of the stored bytes, which a compressing proxy would alter
+            with self._stream(url, what=f"blob {blob.digest[:19]}",
+                              headers={"Accept-Encoding": "identity"}) as response, \
                     _FileWriter(dest) as out:
                 for chunk in response.iter_raw(CHUNK):
                     if cancelled is not None and cancelled.is_set():
