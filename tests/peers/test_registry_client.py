@@ -248,3 +248,20 @@ def test_oversized_blob_stream_is_cut(tmp_path: Path) -> None:
             assert list(tmp_path.iterdir()) == []
         finally:
             client.close()
+
+
+def test_disk_full_during_download(registry: Registry, tmp_path: Path) -> None:
+    """A write error of the writer thread (ENOSPC) reaches the caller and the file is removed."""
+    layer = os.urandom(2 << 20)
+    push_image(registry, "disk-full", [layer])
+    full = tmp_path / "layer"
+    full.symlink_to("/dev/full")  # writes fail with ENOSPC; unlinking removes only the link
+    client = client_for(registry)
+    try:
+        blob = client.image_manifest("disk-full").layers[0]
+        with pytest.raises(OSError, match="No space left on device"):
+            client.download_blob(blob, full, lambda n: None)
+    finally:
+        client.close()
+    assert list(tmp_path.iterdir()) == []
+    assert Path("/dev/full").exists()

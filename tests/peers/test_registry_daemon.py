@@ -4,6 +4,7 @@ list, pull with progress, boot the pulled image, delete it; bad input and a dead
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -137,6 +138,33 @@ def test_cli_pull_draws_progress_and_lists_tags(daemon: DaemonProcess,
     failed = run("pull", "missing-tag", "--interval", "0.05")
     assert failed.returncode == 1
     assert "pull of missing-tag failed: manifest missing-tag" in failed.stderr
+
+
+def test_daemon_killed_mid_pull_leaves_no_half_image(registry: Registry) -> None:
+    """SIGKILL of the daemon while it pulls leaves a staging area at most; the next start
+    deletes it, and no dstack-<tag> exists until a new pull completes."""
+    push_image(registry, "killed", [tar_of({**small_image_files(),
+                                            "big": os.urandom(128 << 20)})])
+    with short_dir("vmmrkill") as workdir:
+        images = workdir / "state" / "images"
+        first = start_daemon(workdir, extra_config=registry_config(registry))
+        try:
+            with first.client() as client:
+                rpc(client, "PullRegistryImage", {"tag": "killed"})
+                wait_for("the staging area", (images / ".pull-killed").exists, interval=0.005)
+            first.kill()
+        finally:
+            first.destroy()
+        assert (images / ".pull-killed").is_dir()  # the kill did cut a pull short
+        assert not (images / "dstack-killed").exists()
+        second = start_daemon(workdir, extra_config=registry_config(registry))
+        try:
+            assert list(images.iterdir()) == []
+            with second.client() as client:
+                assert tags(client)["killed"]["local"] is False
+                assert pull_and_wait(client, "killed")["local"] is True
+        finally:
+            second.destroy()
 
 
 def test_registry_down_is_503_naming_it(registry: Registry) -> None:
