@@ -17,6 +17,7 @@ from tests.support.registry import Registry, push_image, registry_server, small_
 from tests.support.short_dirs import short_dir
 from vmm.core.config import parse_registry
 from vmm.core.exceptions import Conflict, InvalidField
+from vmm.model.image_unpack import Limits
 from vmm.model.images import load_image
 from vmm.peers.registry import RegistryClient
 from vmm.vms.image_pull import ImagePulls, PullProgress, RegistryImage
@@ -181,4 +182,27 @@ def test_registry_killed_mid_pull(tmp_path: Path) -> None:
     assert 0 < entry.bytes_done < entry.bytes_total
     assert re.fullmatch(r"blob sha256:[0-9a-f]{64}: download from 127\.0\.0\.1:\d+/guest/dstack "
                         r"failed after \d+ of \d+ bytes: \w+: .+", entry.error), entry.error
+    assert list(images.iterdir()) == []
+
+
+@pytest.mark.parametrize(("layer_type", "limits", "reason"), [
+    ("application/vnd.oci.image.layer.v1.tar+zstd", Limits(),
+     "has media type 'application/vnd.oci.image.layer.v1.tar\\+zstd'; only tar and "
+     "gzip-compressed tar layers are supported"),
+    ("application/vnd.oci.image.layer.v1.tar", Limits(total_bytes=1000),
+     "image 'refused-early-[0-9]' is [0-9]+ bytes, over the 1000-byte limit"),
+])
+def test_unusable_manifest_is_refused_before_download(
+        registry: Registry, tmp_path: Path, layer_type: str, limits: Limits,
+        reason: str) -> None:
+    """A layer type that is not tar, or an image over the size limit, fails before any blob
+    is fetched."""
+    tag = f"refused-early-{0 if 'zstd' in layer_type else 1}"
+    push_image(registry, tag, [tar_of(small_image_files())], layer_type=layer_type)
+    images, _ = layout(tmp_path)
+    client = RegistryClient(parse_registry(registry.ref), plain_http=True)
+    pulls = ImagePulls(images, client, limits=limits)
+    entry = run(pulls, tag)
+    assert re.fullmatch(f".*{reason}", entry.error), entry.error
+    assert entry.bytes_done == 0
     assert list(images.iterdir()) == []
