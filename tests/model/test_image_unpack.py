@@ -175,3 +175,13 @@ def test_stale_staging_is_cleaned_and_never_listed(area: tuple[Path, Path],
     assert list_images(images) == []
     assert image_unpack.clean_stale_staging(images) == [".pull-t"]
     assert list(images.iterdir()) == []
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+def test_truncated_layer(area: tuple[Path, Path], tmp_path: Path, gzip: bool) -> None:
+    """A layer cut in the middle of a file's bytes fails; it is never taken as complete."""
+    _, staging = area
+    tarball = layer(tmp_path / "cut.tar", {**GOOD, "big": b"b" * 200_000}, gzip=gzip)
+    tarball.write_bytes(tarball.read_bytes()[:-60_000 if not gzip else -300])
+    with pytest.raises(UnpackError, match=r"layer L: .*(cut short|cannot read|not a valid tar)"):
+        unpack_layers([("L", tarball)], staging / "dstack-t")
