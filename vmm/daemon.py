@@ -15,11 +15,13 @@ from vmm.api.auth import Authenticator
 from vmm.api.server import bind_vsock, serve_quietly
 from vmm.backend.base import VmBackend
 from vmm.backend.select import open_backend
-from vmm.core.config import Config, parse_vsock_address
+from vmm.core.config import Config, parse_registry, parse_vsock_address
 from vmm.core.exceptions import ConfigError
 from vmm.guest.host_api import host_api_app
 from vmm.host.capabilities import HostCapabilities, HostProbe, detect
 from vmm.peers.kms import KmsClient
+from vmm.peers.registry import RegistryClient
+from vmm.vms.image_pull import ImagePulls
 from vmm.vms.limits import ResourceUsage, usage
 from vmm.vms.manager import Manager
 
@@ -44,6 +46,7 @@ class Daemon:
                 f"`run_path`: {run_path} is too long for the VMs' Unix sockets "
                 f"(at most {_UNIX_PATH_MAX - _LONGEST_VM_SOCKET} characters)"
             )
+        self.image_pulls = ImagePulls(Path(config.image.path), _registry_client(config))
         self._manager: Manager | None = None
         self._backend: VmBackend | None = None
         self._host_api_task: asyncio.Task[None] | None = None
@@ -66,6 +69,7 @@ class Daemon:
             self.host.accel, self.host.tee, self.host.channel, self.host.cpu_model,
             self.host.qemu_path or "(not found)", self.host.qemu_version,
         )
+        self.image_pulls.clean_staging()
         self._backend = await open_backend(self.config, self.host)
         log.info("backend: %s", self._backend.info.name)
         self._manager = Manager(self.config, self.host, self._backend)
@@ -88,6 +92,9 @@ class Daemon:
             self._host_api_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._host_api_task
+        await self.image_pulls.close()
+        if self.image_pulls.client is not None:
+            self.image_pulls.client.close()
         if self._manager is not None:
             await self._manager.close()
         if self._backend is not None:
@@ -99,3 +106,11 @@ class Daemon:
         if self._manager is None:
             return ResourceUsage(0, 0, 0)
         return usage(self._manager.vms.values())
+
+
+def _registry_client(config: Config) -> RegistryClient | None:
+    image = config.image
+    if not image.registry:
+        return None
+    return RegistryClient(parse_registry(image.registry), ca_file=image.registry_ca_file,
+                          plain_http=image.registry_plain_http)

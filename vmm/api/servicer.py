@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from google.protobuf.empty_pb2 import Empty
 
 from vmm.backend.qemu.backend import QemuBackend
-from vmm.core.exceptions import Conflict, InvalidField, NotFound, NotImplementedYet
+from vmm.core.exceptions import Conflict, InvalidField, NotFound
 from vmm.core.names import VM_ID, check_name
 from vmm.core.version import __version__, git_revision
 from vmm.host import gpus
@@ -254,16 +254,19 @@ class VmmServicer:
     async def ListRegistryImages(
         self, request: Empty, ctx: CallContext
     ) -> pb.RegistryImageListResponse:
-        if not self.config.image.registry:
-            return pb.RegistryImageListResponse()
-        raise NotImplementedYet("ListRegistryImages from an image registry")
+        found = await self.daemon.image_pulls.listing()
+        return pb.RegistryImageListResponse(images=[
+            pb.RegistryImageInfo(tag=i.tag, local=i.local, pulling=i.pulling, error=i.error,
+                                 bytes_done=i.bytes_done, bytes_total=i.bytes_total)
+            for i in found
+        ])
 
     async def PullRegistryImage(
         self, request: pb.PullRegistryImageRequest, ctx: CallContext
     ) -> Empty:
-        if not self.config.image.registry:
-            raise Conflict("no image registry is configured (image.registry)")
-        raise NotImplementedYet("PullRegistryImage")
+        self.daemon.image_pulls.start(request.tag)
+        log.info("pulling image tag %s", request.tag)
+        return Empty()
 
     async def DeleteImage(self, request: pb.Id, ctx: CallContext) -> Empty:
         users = [(vm.manifest.image, vm.manifest.name) for vm in self.daemon.manager.vms.values()]

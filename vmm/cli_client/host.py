@@ -6,6 +6,7 @@ import argparse
 
 from vmm.cli_client import output
 from vmm.cli_client.client import Client
+from vmm.cli_client.registry import cmd_lsimage_registry
 
 
 def cmd_lsimage(client: Client, args: argparse.Namespace) -> None:
@@ -38,9 +39,13 @@ def cmd_version(client: Client, args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    for name, text, run in (("lsimage", "list images", cmd_lsimage),
+    for name, text, run in (("lsimage", "list images (--registry: the registry's tags)",
+                             cmd_lsimage),
                             ("lsgpu", "list GPUs that can be attached", cmd_lsgpu),
                             ("version", "the daemon's version", cmd_version)):
         p = sub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true")
         p.set_defaults(run=run)
+        if name == "lsimage":
+            p.add_argument("--registry", action="store_const", dest="run",
+                           const=cmd_lsimage_registry, default=cmd_lsimage)

@@ -29,6 +29,8 @@ STATE_DIR = "./.state"
 class ImageConfig:
     path: str = f"{STATE_DIR}/images"
     registry: str = ""
+    registry_ca_file: str = ""  # ours: a PEM bundle that replaces the system CAs for the registry
+    registry_plain_http: bool = False  # ours: http instead of https, for a loopback registry only
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,7 @@ def validate(config: Config) -> Config:
     if config.max_request_body < 1024:
         raise ConfigError("`max_request_body`: must be at least 1K")
     _check_server(config.server, config.max_request_body)
+    _check_registry(config.image)
     cvm = config.cvm
     if cvm.cid_start < 3:
         raise ConfigError("`cvm.cid_start`: must be >= 3 (0-2 are reserved by vsock)")
@@ -415,6 +418,66 @@ def _check_url(key: str, url: str, *, allow_empty: bool = False) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"`{key}`: {url!r} is not an http(s) URL with a host")
+
+
+# Distribution's reference grammar: a host (name or IP, optional port) and a lowercase repository
+# path; an IPv6 host is written in brackets.
+_REGISTRY_HOST = re.compile(
+    r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::(\d{1,5}))?$")
+_REPO_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class RegistryRef:
+    """``[image] registry`` split into where to connect and which repository to read."""
+
+    host: str  # without brackets for IPv6
+    port: int | None
+    repository: str
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_registry(ref: str, key: str = "image.registry") -> RegistryRef:
+    """``host[:port]/repo[/more]`` as a RegistryRef; ConfigError naming ``key`` otherwise."""
+    netloc, slash, repository = ref.partition("/")
+    host_match = _REGISTRY_HOST.match(netloc)
+    if not slash or host_match is None:
+        raise ConfigError(f"`{key}`: {ref!r} is not \"host[:port]/repository\"")
+    port = int(host_match.group(2)) if host_match.group(2) else None
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"`{key}`: port {port} is out of range")
+    if len(repository) > 255 or not all(_REPO_COMPONENT.match(c) for c in repository.split("/")):
+        raise ConfigError(
+            f"`{key}`: repository {repository!r} must be lowercase path components "
+            "(a-z 0-9 separated by . _ __ -)"
+        )
+    return RegistryRef(host_match.group(1).strip("[]"), port, repository)
+
+
+def _check_registry(image: ImageConfig) -> None:
+    if not image.registry:
+        return
+    ref = parse_registry(image.registry)
+    if image.registry_plain_http and not ref.is_loopback:
+        raise ConfigError(
+            f"`image.registry_plain_http`: plain http is allowed only for a loopback registry, "
+            f"not {ref.host!r}"
+        )
+    if image.registry_ca_file and not Path(image.registry_ca_file).is_file():
+        raise ConfigError(f"`image.registry_ca_file`: {image.registry_ca_file} is not a file")
 
 
 def _positive(key: str, value: int) -> None:

@@ -17,6 +17,7 @@ anything that is not a ``VmmError`` is a bug and becomes a logged 500.
     ├── ResourceExhausted (409)             a limit (CIDs, vCPUs, memory, ports) is reached
     ├── NotImplementedYet (501)             the RPC exists but is not built yet
     ├── Unavailable (503)                   a dependency (KMS, guest agent, supervisor) is down
+    │   └── RegistryError                   the image registry is down, refused, or sent bad data
     ├── StorageError (507)                  writing the daemon's state failed; names the file
     │   └── InsufficientStorage             ... because the disk or the quota is full (ENOSPC, EDQUOT)
     ├── ConfigError (ValueError)            vmm.toml is invalid; raised at start, names the key
@@ -127,6 +128,12 @@ class Unsupported(Conflict):
 class Unavailable(VmmError):
     status_code = 503
     code = "UNAVAILABLE"
+
+
+class RegistryError(Unavailable):
+    """The image registry cannot be reached, refused, or answered something invalid."""
+
+    code = "REGISTRY_ERROR"
 
 
 OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})

@@ -162,7 +162,9 @@ def delete_image(
 def list_images(images_dir: Path) -> list[Image]:
     """Every loadable image, sorted by name; broken ones are logged and skipped."""
     try:
-        entries = sorted(p for p in images_dir.iterdir() if p.is_dir())
+        # Dot-names are work areas (a pull's staging directory), never images.
+        entries = sorted(p for p in images_dir.iterdir()
+                         if p.is_dir() and not p.name.startswith("."))
     except FileNotFoundError:
         return []
     except OSError as exc:

@@ -438,16 +438,20 @@ class RegistryImageListResponse(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[RegistryImageInfo, _Mapping]]] = ...) -> None: ...
 
 class RegistryImageInfo(_message.Message):
-    __slots__ = ("tag", "local", "pulling", "error")
+    __slots__ = ("tag", "local", "pulling", "error", "bytes_done", "bytes_total")
     TAG_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
     PULLING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     tag: str
     local: bool
     pulling: bool
     error: str
-    def __init__(self, tag: _Optional[str] = ..., local: _Optional[bool] = ..., pulling: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    bytes_done: int
+    bytes_total: int
+    def __init__(self, tag: _Optional[str] = ..., local: _Optional[bool] = ..., pulling: _Optional[bool] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
 
 class PullRegistryImageRequest(_message.Message):
     __slots__ = ("tag",)
