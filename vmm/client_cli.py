@@ -142,6 +142,25 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> None:
             sys.stdout.flush()
 
 
+def cmd_events(client: Client, args: argparse.Namespace) -> None:
+    """The daemon's recent events (its bounded history), then with -f new ones as they come."""
+    params: dict[str, Any] = {"last_event_id": "0", "follow": str(args.follow).lower()}
+    if args.id:
+        params["id"] = args.id
+    with client.http.stream("GET", "/events", params=params, timeout=None) as response:
+        if response.status_code != 200:
+            response.read()
+            raise CliError(f"events failed: {response.text}")
+        kind = ""
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                kind = line.partition(":")[2].strip()
+            elif line.startswith("data:") and kind == "vm":
+                event = json.loads(line.partition(":")[2])
+                print(f"{event['timestamp']} {event['vm_id']} {event['status'] or '-'} "
+                      f"{event['event']} {event['body']}".rstrip(), flush=True)
+
+
 def cmd_lsimage(client: Client, args: argparse.Namespace) -> None:
     images = client.call("ListImages")["images"]
     if args.json:
@@ -199,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("--channel", choices=("serial", "stdout", "stderr"), default="serial")
     p.set_defaults(run=cmd_logs)
+    p = sub.add_parser("events", help="print the daemon's VM events (-f: follow)")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--id", action="append", default=[], help="only this VM (repeatable)")
+    p.set_defaults(run=cmd_events)
     p = sub.add_parser("lsimage", help="list images")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_lsimage)

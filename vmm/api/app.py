@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from guest_proxy.proxy import GuestProxyServicer
 from vmm.api.auth import AuthMiddleware
+from vmm.api.events import events_route
 from vmm.api.logs import logs_route
 from vmm.api.middleware import RequestIdMiddleware
 from vmm.api.servicer import VmmServicer
@@ -70,6 +71,7 @@ def build_app(daemon: Daemon) -> Starlette:
             guest_bridge.route("/guest"),
             # Late-bound: the manager exists only once the lifespan has started the daemon.
             logs_route(lambda vm_id: daemon.manager.workdir_of(vm_id)),  # noqa: PLW0108
+            events_route(lambda: daemon.manager.events),
         ],
         middleware=[
             Middleware(RequestIdMiddleware),
