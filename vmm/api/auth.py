@@ -45,9 +45,10 @@ from vmm.core.exceptions import ConfigError, Unauthorized, Unavailable
 log = logging.getLogger(__name__)
 
 REALM = 'Basic realm="dstack-vmm API"'
-# The web console pages load without credentials; the API calls they make carry them.
+# The web console pages load without credentials; the API calls they make carry them. The API
+# docs (the schema of the public proto and a static Swagger UI) are public for the same reason.
 PUBLIC_PATHS = frozenset({"/", "/v0", "/v1", "/beta"})
-PUBLIC_PREFIXES = ("/res/",)
+PUBLIC_PREFIXES = ("/res/", "/api-docs/")
 
 BCRYPT_WORKERS = 2
 # Checks running or queued at once; past this a request is answered 503 at once instead of
