@@ -262,3 +262,19 @@ def test_cli_events_prints_the_history_of_a_vm(daemon: DaemonProcess) -> None:
     lines = [line.split(maxsplit=4)[1:4] for line in out.splitlines()]
     assert lines == [[vm_id, "stopped", "vmm.created"], [vm_id, "removing", "vmm.removing"],
                      [vm_id, "removed", "vmm.removed"]]
+
+
+def test_a_script_asking_gets_a_401_without_a_basic_challenge(short_tmp: Path) -> None:
+    """X-Requested-With drops WWW-Authenticate, so browsers show the console's prompt instead."""
+    auth = '[auth]\nenabled = true\ntokens = ["t0k"]\n'
+    proc = start_daemon(short_tmp / "challenge", extra_config=auth)
+    try:
+        with proc.client() as client:
+            plain = call(client, "Version")
+            scripted = client.post("/prpc/Version?json", json={},
+                                   headers={"X-Requested-With": "vmm-console"})
+    finally:
+        proc.destroy()
+    assert plain.status_code == scripted.status_code == 401
+    assert plain.headers["www-authenticate"].startswith("Basic")
+    assert "www-authenticate" not in scripted.headers

@@ -14,11 +14,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 TIMESTAMP = 1707500000
 
 
+def env_private_key(app_id: bytes) -> X25519PrivateKey:
+    """The app's env-encryption key: a real X25519 key, so a test can decrypt what clients sent."""
+    return X25519PrivateKey.from_private_bytes(hashlib.sha256(b"test-kms-priv" + app_id).digest())
+
+
+def decrypt_env(app_id: bytes, sealed: bytes) -> dict[str, object]:
+    """Open ``ephemeral_pub(32) || iv(12) || ciphertext+tag`` sealed to the app's key (§9)."""
+    peer = X25519PublicKey.from_public_bytes(sealed[:32])
+    shared = env_private_key(app_id).exchange(peer)
+    plaintext = AESGCM(shared).decrypt(sealed[32:44], sealed[44:], None)
+    decoded: dict[str, object] = json.loads(plaintext)
+    return decoded
+
+
 def expected_answer(app_id: bytes) -> dict[str, object]:
-    public_key = hashlib.sha256(b"test-kms-pub" + app_id).digest()
+    public_key = env_private_key(app_id).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     signature = hashlib.sha512(b"legacy" + app_id + public_key).digest()[:65].ljust(65, b"\0")
     signature_v1 = hashlib.sha512(b"v1" + app_id + public_key).digest()[:65].ljust(65, b"\1")
     return {

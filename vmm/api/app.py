@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from guest_proxy.proxy import GuestProxyServicer
 from vmm.api.auth import AuthMiddleware
+from vmm.api.console import console_routes
 from vmm.api.events import events_route
 from vmm.api.logs import logs_route
 from vmm.api.middleware import RequestIdMiddleware
@@ -74,6 +75,7 @@ def build_app(daemon: Daemon) -> Starlette:
             logs_route(lambda vm_id: daemon.manager.workdir_of(vm_id)),  # noqa: PLW0108
             events_route(lambda: daemon.manager.events),
             *api_docs_routes(),
+            *console_routes(),
         ],
         middleware=[
             Middleware(RequestIdMiddleware),

@@ -235,8 +235,11 @@ class AuthMiddleware:
             return
         if not allowed:
             message = "unauthorized: a valid API token or user credential is required"
-            await _refuse(send, Unauthorized.status_code, Unauthorized.code, message,
-                          [(b"www-authenticate", REALM.encode())])
+            # A script that says so (the console sends X-Requested-With) handles the 401 with
+            # its own prompt; a Basic challenge would make the browser pop its password dialog.
+            challenge = [] if "x-requested-with" in headers else [
+                (b"www-authenticate", REALM.encode())]
+            await _refuse(send, Unauthorized.status_code, Unauthorized.code, message, challenge)
             return
         if new_query != query:
             scope = dict(scope, query_string=new_query.encode("latin-1"))

@@ -274,4 +274,4 @@ def api_docs_routes() -> list[Route]:
 
 @functools.cache
 def _swagger_file(name: str) -> bytes:
-    return (resources.files("vmm.api") / "console" / "swagger" / name).read_bytes()
+    return (resources.files("vmm.api.console") / "swagger" / name).read_bytes()
