@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+from tests.guest.test_host_api import Guest, state, with_link
+from vmm.core.config import AutoRestartConfig, KeyProviderConfig
+from vmm.core.exceptions import Conflict
+from vmm.model.vm import Vm
+from vmm.vms.auto_restart import AutoRestart
 from vmm.vms.events import EventBus
+from vmm.vms.manager import Manager
+
+__all__ = ["state"]  # the fixture, shared with the host API tests
 
 
 def test_ids_grow_from_the_clock_and_keep_publication_order() -> None:
@@ -67,3 +76,37 @@ def test_a_subscriber_that_falls_behind_is_cut_off_not_buffered_without_bound() 
             assert [(await sub.next(1.0)) is not None for _ in range(3)] == [True, True, False]
 
     asyncio.run(scenario())
+
+
+def test_guest_notifications_and_auto_restart_decisions_reach_the_bus(state: Path) -> None:
+    """The hub's Notify effects and auto-restart's decisions are published with the status they led to."""
+
+    async def scenario(guest: Guest, vm: Vm, manager: Manager) -> None:
+        with manager.events.subscribe([vm.id]) as sub:
+            await manager.set_desired(vm, started=True)
+            await guest.call("Notify", {"event": "boot.progress", "payload": "starting containers"})
+            await guest.call("Notify", {"event": "shutdown.progress", "payload": "powering off"})
+            await manager.set_desired(vm, started=True)
+
+            async def refuse(vm_id: str) -> None:
+                raise Conflict("no room")
+
+            restarts = AutoRestart(AutoRestartConfig(enabled=True, max_retries=1),
+                                   vms=lambda: [vm], start=refuse)
+            await restarts.check(0.0)  # first seen down: scheduled
+            await restarts.check(1e6)  # due: one attempt, refused
+            await restarts.check(2e6)  # due again: out of attempts
+            got = []
+            while (event := await sub.next(0.01)) is not None:
+                got.append((event.event, event.body, event.status))
+        assert got == [
+            ("boot.progress", "starting containers", "exited"),
+            # The guest powering off cleared the desired state before the event went out.
+            ("shutdown.progress", "powering off", "stopped"),
+            ("vmm.auto_restart", "attempt 1 of 1 failed: no room", "exited"),
+            ("vmm.auto_restart.exhausted", "Automatic restart stopped after 1 failed attempts",
+             "exited"),
+        ]
+        assert [e.event for e in vm.events][-4:] == [g[0] for g in got]  # the ring agrees
+
+    asyncio.run(with_link(state, KeyProviderConfig(enabled=False), scenario))
