@@ -214,18 +214,26 @@ def test_reload_vms_reports_what_changed(
 ) -> None:
     """System > Reload VMs shows the daemon's counts after a directory vanished by hand."""
     vm_id = create(client, name="vanishing", stopped=True)
-    shutil.rmtree(vmm.workdir / "state" / "vm" / vm_id)
+    copied = create(client, name="copied", stopped=True)
+    vm_dir = vmm.workdir / "state" / "vm"
+    # One directory vanishes; another comes back under a new id (a hand-made VM).
+    new_id = "c0ffee00-0000-4000-8000-000000000001"
+    shutil.copytree(vm_dir / copied, vm_dir / new_id)
+    manifest = json.loads((vm_dir / new_id / "vm-manifest.json").read_text())
+    (vm_dir / new_id / "vm-manifest.json").write_text(json.dumps(manifest | {"id": new_id}))
+    shutil.rmtree(vm_dir / vm_id)
     find(browser, "#system-open").click()
     wait(browser, "the system dialog", lambda d: visible(d, "#reload"))
     wait(browser, "capacity", lambda d: "free" in find(d, "#capacity").text)
     find(browser, "#reload").click()
     wait(browser, "the reload result", lambda d: find(d, "#reload-result").text)
     assert find(browser, "#reload-result").text == \
-        "VM reload completed: 0 loaded, 0 updated, 1 removed"
+        "VM reload completed: 1 loaded, 0 updated, 1 removed"
     assert IDLE_IMAGE in find(browser, "#images").text
     screenshot(browser, "system")
     browser.execute_script("document.getElementById('system').close()")
     wait(browser, "the row to go", lambda d: row(d, vm_id) is None)
+    wait(browser, "the loaded VM's row", lambda d: row(d, new_id))
 
 
 def test_with_auth_on_the_page_asks_for_a_token_then_works(short_tmp: Path) -> None:

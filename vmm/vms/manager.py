@@ -432,6 +432,9 @@ class Manager:
             vm.boot_progress = "running"
             vm.add_event("vmm.adopted", f"pid {runtime.pid if runtime else '?'}")
             self.channels.open(vm)
+        else:
+            # Not in the VM's ring (nothing happened to it), but watchers learn it is there.
+            self.events.publish(vm.id, "vmm.loaded", "work directory loaded", status=vm.status)
         self.vms[manifest.id] = vm
         return vm
 
