@@ -160,6 +160,39 @@ def test_deploy_dialog_creates_the_vm_its_preview_promised(
     screenshot(browser, "list")
 
 
+def test_clone_creates_a_copy_of_a_vm(browser: webdriver.Chrome, client: httpx.Client) -> None:
+    """Clone opens the deploy dialog filled from a VM; submitting creates a VM with its compose."""
+    source = create(client, name="original", stopped=True, user_config="cfg")
+    click_action(browser, source, "clone")
+    wait(browser, "the clone dialog", lambda d: find(d, "#deploy-form [name=name]")
+         .get_attribute("value") == "original-clone")
+    find(browser, "#deploy-form [name=stopped]").click()
+    find(browser, "#deploy-submit").click()
+    wait(browser, "the dialog to close", lambda d: not visible(d, "#deploy-form [name=name]"))
+    vms = {vm["name"]: vm for vm in rpc(client, "Status", {"keyword": "original"})["vms"]}
+    original, clone = vms["original"]["configuration"], vms["original-clone"]["configuration"]
+    assert clone["user_config"] == original["user_config"] == "cfg"
+    assert json.loads(clone["compose_file"])["docker_compose_file"] == \
+        json.loads(original["compose_file"])["docker_compose_file"]
+    assert (clone["vcpu"], clone["memory"], clone["image"]) == \
+        (original["vcpu"], original["memory"], original["image"])
+
+
+def test_swagger_ui_renders_every_rpc_offline(
+    vmm: DaemonProcess, browser: webdriver.Chrome
+) -> None:
+    """/api-docs/docs shows the generated operations with nothing loaded from another host."""
+    requested_urls(browser), console_errors(browser)  # drain what earlier pages logged
+    browser.get(vmm.base_url + "/api-docs/docs")
+    wait(browser, "the operations", lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) > 30)
+    assert "/prpc/CreateVm" in browser.page_source
+    network = [u for u in requested_urls(browser) if u.split(":", 1)[0] in ("http", "https")]
+    assert [u for u in network if not u.startswith(vmm.base_url + "/")] == []
+    assert console_errors(browser) == []
+    browser.get(vmm.base_url + "/")
+    wait(browser, "the event stream", lambda d: find(d, "#live").text == "live")
+
+
 def test_logs_follow_live_and_the_buttons_drive_the_lifecycle(
     vmm: DaemonProcess, browser: webdriver.Chrome, client: httpx.Client
 ) -> None:

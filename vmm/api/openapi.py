@@ -224,6 +224,7 @@ def openapi_document() -> dict[str, Any]:
 
 DOCS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vmm API docs</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="swagger/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
 <script src="swagger/swagger-ui-bundle.js"></script>

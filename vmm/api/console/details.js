@@ -1,7 +1,7 @@
 // One VM's details: configuration, ports, NICs, guest info, compose, user config, events, logs.
 
 import { guest, rpc, streamText } from "./api.js";
-import { attempt, copyButton, download, el, showError } from "./util.js";
+import { attempt, copyButton, download, el } from "./util.js";
 
 const MAX_LOG_CHARS = 400_000;
 let current = null; // { id, logAbort, channel }
@@ -188,4 +188,3 @@ function prettyJson(text) {
   try { return JSON.stringify(JSON.parse(text), null, 2); } catch { return text || ""; }
 }
 
-export { showError };
