@@ -26,7 +26,15 @@ from tests.api.browser import (
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.idle_image import IDLE_IMAGE
 from tests.support.kms_peer import KmsPeer, decrypt_env
-from tests.support.vm_ops import create, idle_config, prepare_images, rpc, status_of, wait_for
+from tests.support.vm_ops import (
+    create,
+    free_port,
+    idle_config,
+    prepare_images,
+    rpc,
+    status_of,
+    wait_for,
+)
 
 TOKEN = "console-t0ken"
 
@@ -193,6 +201,23 @@ def test_swagger_ui_renders_every_rpc_offline(
     wait(browser, "the event stream", lambda d: find(d, "#live").text == "live")
 
 
+def test_without_the_stream_the_list_is_polled(
+    vmm: DaemonProcess, browser: webdriver.Chrome, client: httpx.Client
+) -> None:
+    """With /events unreachable the page says "polling" and still shows new VMs; then live again."""
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/events*"]})
+    try:
+        browser.refresh()
+        wait(browser, "polling", lambda d: find(d, "#live").text == "polling")
+        vm_id = create(client, name="polled", stopped=True)
+        wait(browser, "the polled VM", lambda d: row(d, vm_id))
+        assert find(browser, "#live").text == "polling"
+    finally:
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+    wait(browser, "the stream again", lambda d: find(d, "#live").text == "live")
+
+
 def test_logs_follow_live_and_the_buttons_drive_the_lifecycle(
     vmm: DaemonProcess, browser: webdriver.Chrome, client: httpx.Client
 ) -> None:
@@ -283,5 +308,29 @@ def test_with_auth_on_the_page_asks_for_a_token_then_works(short_tmp: Path) -> N
             wait(driver, "the event stream", lambda d: find(d, "#live").text == "live")
             assert driver.execute_script("return localStorage.getItem('vmm.token')") == TOKEN
             assert all(TOKEN not in url for url in requested_urls(driver))
+    finally:
+        proc.destroy()
+
+
+def test_the_page_polls_while_the_stream_is_down_and_resumes_it(short_tmp: Path) -> None:
+    """A daemon restart drops /events: the page polls meanwhile, then follows the new stream."""
+    workdir = short_tmp / "restart"
+    prepare_images(workdir)
+    address = [f"tcp:127.0.0.1:{free_port()}"]
+    proc = start_daemon(workdir, addresses=address, extra_config=idle_config())
+    try:
+        with chromium() as driver:
+            driver.get(proc.base_url + "/")
+            wait(driver, "the event stream", lambda d: find(d, "#live").text == "live")
+            proc.kill()  # SIGKILL: the stream drops without an end
+            wait(driver, "polling", lambda d: find(d, "#live").text == "polling")
+            proc = start_daemon(workdir, addresses=address, extra_config=idle_config())
+            with proc.client() as client:
+                vm_id = create(client, name="after-restart", stopped=True)
+            wait(driver, "the new daemon's VM", lambda d: row(d, vm_id))
+            wait(driver, "the stream again", lambda d: find(d, "#live").text == "live")
+            with proc.client() as client:
+                later = create(client, name="while-live", stopped=True)
+            wait(driver, "a VM seen through the resumed stream", lambda d: row(d, later))
     finally:
         proc.destroy()
