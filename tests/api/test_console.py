@@ -237,6 +237,9 @@ def test_logs_follow_live_and_the_buttons_drive_the_lifecycle(
         fp.write("console-test: second line\n")
     wait(browser, "the second line", lambda d: "second line" in find(d, "#log-output").text)
     screenshot(browser, "vm-details")
+    browser.execute_script("document.getElementById('log-output').scrollIntoView()")
+    screenshot(browser, "vm-logs")
+    browser.execute_script("window.scrollTo(0, 0)")
 
     click_action(browser, vm_id, "shutdown")
     # The idle guest ignores ACPI: the shutdown ends with a hard stop after the timeout,

@@ -1,10 +1,16 @@
 // One VM's details: configuration, ports, NICs, guest info, compose, user config, events, logs.
 
 import { guest, rpc, streamText } from "./api.js";
-import { attempt, copyButton, download, el } from "./util.js";
+import { attempt, copyButton, copyText, download, el } from "./util.js";
 
 const MAX_LOG_CHARS = 400_000;
 let current = null; // { id, logAbort, channel }
+let meta = null; // GetMeta, asked once: the host's TEE and default networking
+
+async function hostMeta() {
+  if (!meta) meta = await rpc("GetMeta").catch(() => ({}));
+  return meta;
+}
 
 function row(label, value) {
   return el("tr", {}, el("th", { text: label }), el("td", {}, value ?? ""));
@@ -140,6 +146,9 @@ export async function showDetails(id) {
   const box = document.getElementById("details");
   if (!vm) { closeDetails(); return; }
   const c = vm.configuration || {};
+  const host = await hostMeta();
+  const tee = (host.host && host.host.tee_platform) || "none";
+  const defaultNet = (host.networking && host.networking.default_mode) || "";
   let compose = {};
   try { compose = JSON.parse(c.compose_file || "{}"); } catch { compose = {}; }
   const gpus = c.gpus ? (c.gpus.attach_mode === "all" ? "all" : (c.gpus.gpus || []).map((g) => g.slot).join(", ")) : "";
@@ -159,7 +168,7 @@ export async function showDetails(id) {
         row("Instance ID", vm.instance_id ? el("span", {}, vm.instance_id, " ", copyButton(vm.instance_id)) : "—"),
         row("vCPUs", c.vcpu), row("Memory", `${c.memory} MB`), row("Disk", `${c.disk_size} GB`),
         row("Image", `${c.image}${vm.image_version ? ` (${vm.image_version})` : ""}`),
-        row("TEE", c.no_tee ? "off" : "on (if the host has one)"),
+        row("TEE", c.no_tee ? "off (no_tee)" : tee === "none" ? "none (this host has no TEE)" : tee),
         row("GPUs", gpus || "none"),
         row("Features", features(compose)),
         row("App URL", vm.app_url ? el("a", { href: vm.app_url, target: "_blank", rel: "noopener" }, vm.app_url) : "—"),
@@ -169,10 +178,11 @@ export async function showDetails(id) {
         (c.ports || []).length ? table(["Protocol", "Host", "VM port"], c.ports.map((p) =>
           [p.protocol, `${p.host_address || "*"}:${p.host_port}`, p.vm_port])) : el("p", { class: "hint" }, "none"),
         el("h3", {}, "Network interfaces"),
-        nics.length ? table(["Mode", "Backend", "MAC", "Bridge"], nics) : el("p", { class: "hint" }, "default"),
+        nics.length ? table(["Mode", "Backend", "MAC", "Bridge"], nics)
+          : el("p", { class: "hint" }, `one NIC, the host's default${defaultNet ? ` (${defaultNet})` : ""}`),
         vm.status === "running" ? await guestSection(vm) : null)),
     el("h3", {}, "App compose ",
-      copyButton(c.compose_file || "", "copy"),
+      el("button", { onclick: () => copyText(c.compose_file || "") }, "copy"), " ",
       el("button", { onclick: () => download(`${vm.name}-app-compose.json`, c.compose_file || "") }, "download")),
     el("pre", { class: "compose" }, prettyJson(c.compose_file)),
     el("h3", {}, "User config ",
