@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
+from functools import partial
 from pathlib import Path
 
 from vmm.api.auth import Authenticator
@@ -21,7 +24,8 @@ from vmm.guest.host_api import host_api_app
 from vmm.host.capabilities import HostCapabilities, HostProbe, detect
 from vmm.peers.kms import KmsClient
 from vmm.peers.registry import RegistryClient
-from vmm.vms.image_pull import ImagePulls
+from vmm.vms.events import EventBus
+from vmm.vms.image_pull import ImagePulls, PullProgress
 from vmm.vms.limits import ResourceUsage, usage
 from vmm.vms.manager import Manager
 
@@ -73,6 +77,7 @@ class Daemon:
         self._backend = await open_backend(self.config, self.host)
         log.info("backend: %s", self._backend.info.name)
         self._manager = Manager(self.config, self.host, self._backend)
+        self.image_pulls.on_progress = partial(_publish_pull, self._manager.events)
         await self._manager.load_all()
         self._manager.start_watching()
         if self.host.channel == "vsock":
@@ -114,3 +119,9 @@ def _registry_client(config: Config) -> RegistryClient | None:
         return None
     return RegistryClient(parse_registry(image.registry), ca_file=image.registry_ca_file,
                           plain_http=image.registry_plain_http)
+
+
+def _publish_pull(bus: EventBus, progress: PullProgress) -> None:
+    """An image pull's progress on the event bus (so on /events): it belongs to no VM."""
+    bus.publish("", "vmm.image_pull", json.dumps(dataclasses.asdict(progress)),
+                status=progress.status)

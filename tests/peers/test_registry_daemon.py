@@ -4,6 +4,7 @@ list, pull with progress, boot the pulled image, delete it; bad input and a dead
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -89,6 +90,14 @@ def test_list_pull_and_delete(daemon: DaemonProcess, registry: Registry) -> None
         done = pull_and_wait(client, "0.5.4")
         assert done == {"tag": "0.5.4", "local": True, "pulling": False, "error": "",
                         "bytes_done": len(layer), "bytes_total": len(layer)}
+        # The pull's progress is on the event bus too, ending with "done" at every byte.
+        stream = client.get("/events", params={"last_event_id": "0", "follow": "false"})
+        pulls = [json.loads(line.removeprefix("data:")) for line in stream.text.splitlines()
+                 if line.startswith("data:") and '"vmm.image_pull"' in line]
+        progress = [json.loads(event["body"]) for event in pulls]
+        assert progress[-1] == {"tag": "0.5.4", "status": "done", "bytes_done": len(layer),
+                                "bytes_total": len(layer), "error": ""}
+        assert all(p["tag"] == "0.5.4" for p in progress)
         names = [i["name"] for i in rpc(client, "ListImages")["images"]]
         assert "dstack-0.5.4" in names
         again = call(client, "PullRegistryImage", {"tag": "0.5.4"})

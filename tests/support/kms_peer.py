@@ -20,7 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from coincurve import PrivateKey
 from Crypto.Hash import keccak
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 TIMESTAMP = 1707500000
@@ -32,6 +33,15 @@ OTHER_SIGNING_KEY = PrivateKey(hashlib.sha256(b"some-other-kms").digest())
 
 def app_private_key(app_id: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(hashlib.sha256(b"test-kms-x25519" + app_id).digest())
+
+
+def decrypt_env(app_id: bytes, sealed: bytes) -> dict[str, object]:
+    """Open ``ephemeral_pub(32) || iv(12) || ciphertext+tag`` sealed to the app's key (§9)."""
+    peer = X25519PublicKey.from_public_bytes(sealed[:32])
+    shared = app_private_key(app_id).exchange(peer)
+    plaintext = AESGCM(shared).decrypt(sealed[32:44], sealed[44:], None)
+    decoded: dict[str, object] = json.loads(plaintext)
+    return decoded
 
 
 def _digest(app_id: bytes, public_key: bytes, timestamp: bytes) -> bytes:

@@ -13,8 +13,11 @@ from starlette.responses import Response
 
 from guest_proxy.proxy import GuestProxyServicer
 from vmm.api.auth import AuthMiddleware
+from vmm.api.console import console_routes
+from vmm.api.events import events_route
 from vmm.api.logs import logs_route
 from vmm.api.middleware import RequestIdMiddleware
+from vmm.api.openapi import api_docs_routes
 from vmm.api.servicer import VmmServicer
 from vmm.daemon import Daemon
 from vmm.prpc.body_budget import BodyBudget
@@ -70,6 +73,9 @@ def build_app(daemon: Daemon) -> Starlette:
             guest_bridge.route("/guest"),
             # Late-bound: the manager exists only once the lifespan has started the daemon.
             logs_route(lambda vm_id: daemon.manager.workdir_of(vm_id)),  # noqa: PLW0108
+            events_route(lambda: daemon.manager.events),
+            *api_docs_routes(),
+            *console_routes(),
         ],
         middleware=[
             Middleware(RequestIdMiddleware),

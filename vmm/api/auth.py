@@ -45,9 +45,10 @@ from vmm.core.exceptions import ConfigError, Unauthorized, Unavailable
 log = logging.getLogger(__name__)
 
 REALM = 'Basic realm="dstack-vmm API"'
-# The web console pages load without credentials; the API calls they make carry them.
+# The web console pages load without credentials; the API calls they make carry them. The API
+# docs (the schema of the public proto and a static Swagger UI) are public for the same reason.
 PUBLIC_PATHS = frozenset({"/", "/v0", "/v1", "/beta"})
-PUBLIC_PREFIXES = ("/res/",)
+PUBLIC_PREFIXES = ("/res/", "/api-docs/")
 
 BCRYPT_WORKERS = 2
 # Checks running or queued at once; past this a request is answered 503 at once instead of
@@ -234,8 +235,11 @@ class AuthMiddleware:
             return
         if not allowed:
             message = "unauthorized: a valid API token or user credential is required"
-            await _refuse(send, Unauthorized.status_code, Unauthorized.code, message,
-                          [(b"www-authenticate", REALM.encode())])
+            # A script that says so (the console sends X-Requested-With) handles the 401 with
+            # its own prompt; a Basic challenge would make the browser pop its password dialog.
+            challenge = [] if "x-requested-with" in headers else [
+                (b"www-authenticate", REALM.encode())]
+            await _refuse(send, Unauthorized.status_code, Unauthorized.code, message, challenge)
             return
         if new_query != query:
             scope = dict(scope, query_string=new_query.encode("latin-1"))

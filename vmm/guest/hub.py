@@ -95,7 +95,13 @@ class ChannelHub:
         return self._cid_owner(int(cid_text))
 
     async def apply_notification(self, vm: Vm, event: str, payload: str) -> None:
-        vm.add_event(event, payload)
+        try:
+            await self._apply(vm, event, payload)
+        finally:
+            # After the VM record changed, so the event bus reports the status it led to.
+            vm.add_event(event, payload)
+
+    async def _apply(self, vm: Vm, event: str, payload: str) -> None:
         if event == "boot.progress":
             vm.boot_progress = payload
         elif event == "boot.error":

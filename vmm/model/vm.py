@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,6 +41,9 @@ class Vm:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     background: set[asyncio.Task[None]] = field(default_factory=set)
     app_url: str = ""
+    # Where the VM's events go besides its ring: the daemon's event bus (vms/events), handed
+    # in by the manager so this layer needs no import of it.
+    on_event: Callable[[Vm, pb.GuestEvent], None] | None = None
 
     @property
     def id(self) -> str:
@@ -59,9 +62,10 @@ class Vm:
         return "stopping" if self.running else "stopped"
 
     def add_event(self, event: str, body: str = "") -> None:
-        self.events.append(
-            pb.GuestEvent(event=event, body=body, timestamp=int(time.time() * 1000))
-        )
+        item = pb.GuestEvent(event=event, body=body, timestamp=int(time.time() * 1000))
+        self.events.append(item)
+        if self.on_event is not None:
+            self.on_event(self, item)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a background job tied to this VM; keep a reference so it is not collected."""

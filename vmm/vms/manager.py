@@ -55,6 +55,7 @@ from vmm.model.workdir import Workdir, create_workdir, shown_path
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vms import boot, limits, log_rotation, reconcile
 from vmm.vms.auto_restart import AutoRestart
+from vmm.vms.events import EventBus
 from vmm.vms.request import build_vm, describe_port, find_image, ports_clash
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class Manager:
         # Held while resources are compared across VMs (ports, capacity, CIDs) and VMs added.
         self.registry_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        # Every VM's events go through this bus (each Vm gets ``_publish`` as its hook).
+        self.events = EventBus()
         self.auto_restart = AutoRestart(config.cvm.auto_restart, vms=self.vms.values,
                                         start=self.start)
         self.log_rotation = log_rotation.LogRotation(config.cvm.log, self.vms.values)
@@ -120,7 +123,8 @@ class Manager:
                 self.cids.release(cid)
                 raise
             vm = Vm(workdir=workdir, manifest=manifest, shared=shared, started=False, cid=cid,
-                    image_version=image.version, events=self._event_ring())
+                    image_version=image.version, events=self._event_ring(),
+                    on_event=self._publish)
             self.vms[manifest.id] = vm
         vm.add_event("vmm.created", f"image {image.name}, {manifest.vcpu} vCPU, {manifest.memory} MB")
         log.info("created VM %s (%s)", manifest.id, manifest.name)
@@ -361,7 +365,9 @@ class Manager:
         if delete:
             await asyncio.to_thread(vm.workdir.delete)
         self.cids.release(vm.cid)
-        self.vms.pop(vm.id, None)
+        if self.vms.pop(vm.id, None) is not None:
+            body = "work directory deleted" if delete else "work directory gone (reload)"
+            self.events.publish(vm.id, "vmm.removed", body, status="removed")
 
     # -- report -------------------------------------------------------------------------------
 
@@ -421,13 +427,20 @@ class Manager:
             image_version = ""
         vm = Vm(workdir=workdir, manifest=manifest, shared=shared, started=desired.started,
                 cid=cid, image_version=image_version, removing=workdir.is_removing,
-                runtime=runtime, events=self._event_ring())
+                runtime=runtime, events=self._event_ring(), on_event=self._publish)
         if vm.running:
             vm.boot_progress = "running"
             vm.add_event("vmm.adopted", f"pid {runtime.pid if runtime else '?'}")
             self.channels.open(vm)
+        else:
+            # Not in the VM's ring (nothing happened to it), but watchers learn it is there.
+            self.events.publish(vm.id, "vmm.loaded", "work directory loaded", status=vm.status)
         self.vms[manifest.id] = vm
         return vm
+
+    def _publish(self, vm: Vm, event: pb.GuestEvent) -> None:
+        self.events.publish(vm.id, event.event, event.body, status=vm.status,
+                            timestamp_ms=event.timestamp)
 
     def _event_ring(self) -> deque[pb.GuestEvent]:
         return deque(maxlen=self.config.event_buffer_size)
