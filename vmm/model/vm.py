@@ -20,7 +20,7 @@ from vmm.model.runtime import Runtime
 from vmm.model.workdir import SharedFiles, Workdir
 from vmm.rpc import vmm_rpc_pb2 as pb
 
-VmStatus = Literal["running", "exited", "stopping", "stopped", "removing"]
+VmStatus = Literal["running", "paused", "exited", "stopping", "stopped", "removing"]
 
 
 @dataclass
@@ -51,10 +51,17 @@ class Vm:
         return self.runtime is not None and self.runtime.running
 
     @property
+    def paused(self) -> bool:
+        """Running with its vCPUs stopped (PauseVm); as the backend reports it."""
+        return self.runtime is not None and self.runtime.running and self.runtime.paused
+
+    @property
     def status(self) -> VmStatus:
         if self.removing:
             return "removing"
         if self.started:
+            if self.paused:
+                return "paused"
             return "running" if self.running else "exited"
         return "stopping" if self.running else "stopped"
 

@@ -356,18 +356,20 @@ class HostCapabilities(_message.Message):
     def __init__(self, accelerator: _Optional[str] = ..., tee_platform: _Optional[str] = ..., guest_channel: _Optional[str] = ..., qemu_version: _Optional[str] = ..., cpu_model: _Optional[str] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., backend_features: _Optional[_Iterable[str]] = ..., backend_unsupported: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetMetaResponse(_message.Message):
-    __slots__ = ("kms", "gateway", "resources", "networking", "host")
+    __slots__ = ("kms", "gateway", "resources", "networking", "host", "log_level")
     KMS_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     NETWORKING_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
+    LOG_LEVEL_FIELD_NUMBER: _ClassVar[int]
     kms: KmsSettings
     gateway: GatewaySettings
     resources: ResourcesSettings
     networking: NetworkingCapabilities
     host: HostCapabilities
-    def __init__(self, kms: _Optional[_Union[KmsSettings, _Mapping]] = ..., gateway: _Optional[_Union[GatewaySettings, _Mapping]] = ..., resources: _Optional[_Union[ResourcesSettings, _Mapping]] = ..., networking: _Optional[_Union[NetworkingCapabilities, _Mapping]] = ..., host: _Optional[_Union[HostCapabilities, _Mapping]] = ...) -> None: ...
+    log_level: str
+    def __init__(self, kms: _Optional[_Union[KmsSettings, _Mapping]] = ..., gateway: _Optional[_Union[GatewaySettings, _Mapping]] = ..., resources: _Optional[_Union[ResourcesSettings, _Mapping]] = ..., networking: _Optional[_Union[NetworkingCapabilities, _Mapping]] = ..., host: _Optional[_Union[HostCapabilities, _Mapping]] = ..., log_level: _Optional[str] = ...) -> None: ...
 
 class VersionResponse(_message.Message):
     __slots__ = ("version", "rev")
@@ -460,3 +462,9 @@ class DhcpLeaseRequest(_message.Message):
     mac: str
     ip: str
     def __init__(self, mac: _Optional[str] = ..., ip: _Optional[str] = ...) -> None: ...
+
+class LogLevelRequest(_message.Message):
+    __slots__ = ("level",)
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    level: str
+    def __init__(self, level: _Optional[str] = ...) -> None: ...
