@@ -41,6 +41,7 @@ class Vm:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     background: set[asyncio.Task[None]] = field(default_factory=set)
     app_url: str = ""
+    launched_at: float | None = None  # monotonic time of this boot's launch, until boot is done
 
     @property
     def id(self) -> str:

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
@@ -187,6 +188,7 @@ class Manager:
                 vm.add_event("vmm.start_failed", exc.message)
                 raise Unavailable(f"cannot start VM {vm_id}: {exc.message}") from None
             vm.boot_progress, vm.boot_error, vm.shutdown_progress = "booting", "", ""
+            vm.launched_at = time.monotonic()
             vm.instance_id, vm.app_url = "", ""
             await self.channels.close(vm)  # a previous boot's channels point at dead sockets
             self.channels.open(vm)
