@@ -3,7 +3,9 @@ same auth and error codes as /prpc, ended cleanly by SIGTERM."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from tests.support.idle_image import IDLE_IMAGE
 from tests.support.kms_peer import KmsPeer, expected_answer
 from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import COMPOSE, compose, free_port, prepare_images, wait_for
-from vmm.api.grpc_server import STATUS_OF_CODE, grpc_target
+from vmm.api.grpc_server import STATUS_OF_CODE, grpc_status, grpc_target
 from vmm.core import exceptions
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.rpc.vmm_rpc_pb2_grpc import VmmStub
@@ -70,15 +72,41 @@ def make_stub(channel: grpc.Channel) -> Any:
     return VmmStub(channel)  # type: ignore[no-untyped-call]
 
 
-def test_every_error_code_has_a_grpc_status() -> None:
-    """Each VmmError class's code maps to a gRPC status explicitly (none falls to a default)."""
+# What each HTTP status of an error may become over gRPC.
+GRPC_FOR_HTTP = {
+    400: {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED},
+    401: {grpc.StatusCode.UNAUTHENTICATED},
+    404: {grpc.StatusCode.NOT_FOUND},
+    409: {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED},
+    413: {grpc.StatusCode.RESOURCE_EXHAUSTED},
+    500: {grpc.StatusCode.INTERNAL},
+    501: {grpc.StatusCode.UNIMPLEMENTED},
+    503: {grpc.StatusCode.UNAVAILABLE},
+    507: {grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED},
+}
+
+
+def test_every_error_class_has_a_fitting_grpc_status() -> None:
+    """Every VmmError class in vmm/ (all modules imported) becomes the gRPC status its HTTP
+    status stands for, and every code of vmm.core.exceptions is mapped explicitly."""
+    import vmm  # noqa: PLC0415
+
+    for module in pkgutil.walk_packages(vmm.__path__, "vmm."):
+        if not module.name.endswith("__main__"):  # that one runs the daemon
+            importlib.import_module(module.name)
+
     def subclasses(cls: type[exceptions.VmmError]) -> Iterator[type[exceptions.VmmError]]:
         for sub in cls.__subclasses__():
             yield sub
             yield from subclasses(sub)
 
-    codes = {exceptions.VmmError.code} | {c.code for c in subclasses(exceptions.VmmError)}
-    assert codes <= STATUS_OF_CODE.keys(), codes - STATUS_OF_CODE.keys()
+    classes: list[type[exceptions.VmmError]] = [exceptions.VmmError,
+                                                 *subclasses(exceptions.VmmError)]
+    assert any(c.code == "BAD_IMAGE" for c in classes)  # one defined outside exceptions.py
+    for cls in classes:
+        assert grpc_status(cls) in GRPC_FOR_HTTP[cls.status_code], cls
+    core_codes = {c.code for c in classes if c.__module__ == exceptions.__name__}
+    assert core_codes <= STATUS_OF_CODE.keys(), core_codes - STATUS_OF_CODE.keys()
 
 
 def test_grpc_targets() -> None:

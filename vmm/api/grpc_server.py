@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 SERVICE = "vmm.Vmm"
 GRACE_SECONDS = 2.0
 
-# vmm.core.exceptions codes -> gRPC statuses. tests/api/test_grpc.py checks every code is here.
+# vmm.core.exceptions codes -> gRPC statuses. A subclass elsewhere with a code of its own (the
+# images' BAD_IMAGE) takes its nearest listed ancestor's; tests/api/test_grpc.py checks that every
+# error class lands on a status that agrees with its HTTP status.
 STATUS_OF_CODE: dict[str, grpc.StatusCode] = {
     "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
     "UNKNOWN_METHOD": grpc.StatusCode.UNIMPLEMENTED,
@@ -126,10 +128,10 @@ class GrpcListener:
                         raise
                     error = StorageError.of(exc, Path(os.fsdecode(exc.filename or "state")).name)
                     code = error.code
-                    await _abort(context, error.code, error.message)
+                    await _abort(context, error)
                 except VmmError as exc:
                     code = exc.code
-                    await _abort(context, exc.code, exc.message)
+                    await _abort(context, exc)
                 code = "OK"
                 return result
             finally:
@@ -146,6 +148,15 @@ class GrpcListener:
             raise Unauthorized("unauthorized: a valid API token or user credential is required")
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: str, message: str) -> None:
-    context.set_trailing_metadata((("vmm-code", code),))
-    await context.abort(STATUS_OF_CODE.get(code, grpc.StatusCode.INTERNAL), message)
+def grpc_status(error: type[VmmError]) -> grpc.StatusCode:
+    """The gRPC status of an error class: its code's, else its nearest ancestor's."""
+    for cls in error.__mro__:
+        code = getattr(cls, "code", None)
+        if isinstance(code, str) and code in STATUS_OF_CODE:
+            return STATUS_OF_CODE[code]
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: VmmError) -> None:
+    context.set_trailing_metadata((("vmm-code", error.code),))
+    await context.abort(grpc_status(type(error)), error.message)
