@@ -33,6 +33,9 @@ from vmm.supervisor.types import ProcessConfig, ProcessInfo
 log = logging.getLogger(__name__)
 
 NAME = "qemu"
+# A QEMU that does not answer query-status within this is asked again at the next refresh; the
+# watcher must not wait the full QMP timeout per VM.
+QUERY_DEADLINE = 1.0
 
 
 async def open_backend(config: Config, host: HostCapabilities) -> QemuBackend:
@@ -111,13 +114,17 @@ class QemuBackend:
         known = self._paused.get(vm_id)
         if known is None or known[0] != runtime.pid:
             try:
-                state = await qmp_execute(self._qmp(vm_id), "query-status")
+                state = await qmp_execute(self._qmp(vm_id), "query-status", deadline=QUERY_DEADLINE)
             except Unavailable as exc:
                 # Booting (no QMP socket yet) or wedged: not known to be paused; asked again.
                 log.debug("VM %s: query-status: %s", vm_id, exc.message)
                 return runtime
-            known = (runtime.pid, isinstance(state, dict) and state.get("status") == "paused")
-            self._paused[vm_id] = known
+            meanwhile = self._paused.get(vm_id)
+            if meanwhile is not known and meanwhile is not None and meanwhile[0] == runtime.pid:
+                known = meanwhile  # a pause or resume during the query: newer than its answer
+            else:
+                known = (runtime.pid, isinstance(state, dict) and state.get("status") == "paused")
+                self._paused[vm_id] = known
         return dataclasses.replace(runtime, paused=known[1])
 
     async def pause(self, vm_id: str) -> None:
