@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vmm import __version__
+from vmm.core import log_level
 from vmm.core.config import Config, load_config, parse_address
 from vmm.core.exceptions import ConfigError
 
@@ -89,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_version(path)
     try:
         config = load_config(path)
-        level = getattr(logging, config.log_level.upper())
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        # One line per supervisor call drowns the daemon's own log; failures still surface.
-        logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
+        log_level.configure(config.log_level)
         if args.command == "check-config":
             return cmd_check_config(config, path)
         log.info("vmm %s, config %s", __version__, describe_config(path))

@@ -106,6 +106,8 @@ def test_overrides_and_nested_tables(tmp_path: Path) -> None:
         ("address = 'http://x'", "`address`"),
         ("address = 'tcp:1.2.3.4:99999'", "bad port"),
         ("address = []", "at least one listen address"),
+        ("metrics_address = 'http://x'", "`metrics_address`: 'http://x' is not"),
+        ("grpc_address = 'tcp:1.2.3.4:99999'", "`grpc_address`: bad port"),
         ("[cvm.auto_restart]\ninitial_backoff = 500", "initial_backoff"),
         ("[cvm.port_mapping]\nrange = [{protocol='tcp', from=10, to=5}]", "range[0]"),
         ("[cvm.port_mapping]\nrange = [{protocol='sctp'}]", "range[0].protocol"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -15,14 +17,49 @@ from guest_proxy.proxy import GuestProxyServicer
 from vmm.api.auth import AuthMiddleware
 from vmm.api.console import console_routes
 from vmm.api.events import events_route
+from vmm.api.grpc_server import GrpcListener
 from vmm.api.logs import logs_route
+from vmm.api.metrics import Metrics
 from vmm.api.middleware import RequestIdMiddleware
 from vmm.api.openapi import api_docs_routes
+from vmm.api.server import describe, extra_listener, serve_quietly
 from vmm.api.servicer import VmmServicer
 from vmm.daemon import Daemon
 from vmm.prpc.body_budget import BodyBudget
 from vmm.prpc.bridge import PrpcBridge, error_payload
 from vmm.rpc import guest_api_pb2, vmm_rpc_pb2
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def extra_listeners(daemon: Daemon, vmm_bridge: PrpcBridge,
+                          metrics: Metrics) -> AsyncIterator[None]:
+    """The optional listeners beside ``address``: /metrics without auth, and native gRPC.
+
+    Started once the daemon has started and stopped before it stops, inside uvicorn's lifespan,
+    so SIGTERM (which only asks uvicorn to exit) ends them too.
+    """
+    config = daemon.config
+    async with contextlib.AsyncExitStack() as stack:
+        if config.metrics_address:
+            sock = stack.enter_context(extra_listener(config.metrics_address, "metrics_address"))
+            metrics_app = Starlette(routes=[metrics.route()])
+            task = asyncio.create_task(serve_quietly(metrics_app, [sock], config.server))
+            stack.push_async_callback(_cancel, task)
+            log.info("metrics (no auth) on %s", describe(sock))
+        if config.grpc_address:
+            grpc_listener = GrpcListener(vmm_bridge, daemon.authenticator, config.grpc_address)
+            where = await grpc_listener.start()
+            stack.push_async_callback(grpc_listener.stop)
+            log.info("gRPC on %s", where)
+        yield
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def build_app(daemon: Daemon) -> Starlette:
@@ -44,11 +81,17 @@ def build_app(daemon: Daemon) -> Starlette:
         body_budget=body_budget,
     )
 
+    metrics = Metrics(daemon)
+    vmm_bridge.observer = metrics.observe_rpc
+    guest_bridge.observer = metrics.observe_guest_call
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await daemon.start()
         try:
-            yield
+            metrics.attach(daemon)
+            async with extra_listeners(daemon, vmm_bridge, metrics):
+                yield
         finally:
             await daemon.stop()
 
@@ -71,6 +114,7 @@ def build_app(daemon: Daemon) -> Starlette:
         routes=[
             vmm_bridge.route("/prpc"),
             guest_bridge.route("/guest"),
+            metrics.route(),
             # Late-bound: the manager exists only once the lifespan has started the daemon.
             logs_route(lambda vm_id: daemon.manager.workdir_of(vm_id)),  # noqa: PLW0108
             events_route(lambda: daemon.manager.events),

@@ -67,6 +67,24 @@ def bind_unix(path: Path) -> socket.socket:
 
 
 @contextlib.contextmanager
+def extra_listener(address: str, key: str) -> Iterator[socket.socket]:
+    """Bind one more listener (``metrics_address``); closed, and its socket file removed, after."""
+    kind, where, port = parse_address(address)
+    path = Path(where).absolute() if kind == "unix" else None
+    try:
+        sock = bind_tcp(where, port) if path is None else bind_unix(path)
+    except ConfigError as exc:
+        raise ConfigError(exc.message.replace("`address`", f"`{key}`", 1)) from None
+    try:
+        yield sock
+    finally:
+        sock.close()
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+@contextlib.contextmanager
 def listeners(config: Config) -> Iterator[list[socket.socket]]:
     sockets: list[socket.socket] = []
     unix_paths: list[Path] = []
@@ -201,3 +219,10 @@ async def serve(app: ASGIApp, config: Config, sockets: list[socket.socket]) -> N
     for sock in sockets:
         log.info("listening on %s", describe(sock))
     await server.serve(sockets=sockets)
+    # Every listener (uvicorn's, the gRPC and metrics ones) ends in the lifespan; a task still
+    # here would be cancelled by asyncio.run without a word, so say which.
+    leftover = sorted(t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task())
+    if leftover:
+        log.warning("tasks still running at exit: %s", ", ".join(leftover))
+    else:
+        log.info("stopped: no tasks left")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from google.protobuf.empty_pb2 import Empty
 
 from vmm.backend.qemu.backend import QemuBackend
+from vmm.core import log_level
 from vmm.core.exceptions import Conflict, InvalidField, NotFound
 from vmm.core.names import VM_ID, check_name
 from vmm.core.version import __version__, git_revision
@@ -115,7 +116,16 @@ class VmmServicer:
                 backend_unsupported=backend.unsupported,
             ),
             config_file=self.daemon.config_file,
+            log_level=log_level.current_level(),
         )
+
+    async def SetLogLevel(self, request: pb.LogLevelRequest, ctx: CallContext) -> Empty:
+        try:
+            log_level.set_level(request.level)
+        except ValueError as exc:
+            raise InvalidField("level", str(exc)) from None
+        log.warning("log level set to %s by %s", request.level, ctx.client)
+        return Empty()
 
     async def ListImages(self, request: Empty, ctx: CallContext) -> pb.ImageListResponse:
         found = images.list_images(Path(self.config.image.path))
@@ -175,6 +185,14 @@ class VmmServicer:
     async def ShutdownVm(self, request: pb.Id, ctx: CallContext) -> Empty:
         self.daemon.manager.auto_restart.reset(_vm_id(request))
         await self.daemon.manager.shutdown(_vm_id(request))
+        return Empty()
+
+    async def PauseVm(self, request: pb.Id, ctx: CallContext) -> Empty:
+        await self.daemon.manager.pause(_vm_id(request))
+        return Empty()
+
+    async def ResumeVm(self, request: pb.Id, ctx: CallContext) -> Empty:
+        await self.daemon.manager.resume(_vm_id(request))
         return Empty()
 
     async def RemoveVm(self, request: pb.Id, ctx: CallContext) -> Empty:

@@ -7,8 +7,10 @@ resolved description of the VM (``LaunchSpec``) and report what runs in the same
 (``Runtime``), so reconciliation, limits, auto-restart and Status do not know which one is active.
 
 A backend owns its VMs across daemon restarts: ``runtimes`` reports every VM it still has (by VM
-id), so the daemon adopts them after a restart. Backends are chosen by ``[cvm] backend`` in one
-place, ``vmm.backend.select``.
+id), so the daemon adopts them after a restart. Whether a VM is paused is the backend's to say
+(``Runtime.paused``, read from QEMU or libvirtd), never the daemon's files: a paused QEMU is
+paused whatever the daemon wrote, and one that died is no longer paused. Backends are chosen by
+``[cvm] backend`` in one place, ``vmm.backend.select``.
 """
 
 from __future__ import annotations
@@ -93,6 +95,12 @@ class VmBackend(Protocol):
 
     async def request_power_off(self, vm_id: str) -> None:
         """Press the ACPI power button; raise ``Unavailable`` if it cannot be pressed."""
+
+    async def pause(self, vm_id: str) -> None:
+        """Stop the running VM's vCPUs (it keeps its memory and devices); Conflict if not running."""
+
+    async def resume(self, vm_id: str) -> None:
+        """Let a paused VM's vCPUs run again; Conflict if it is not running."""
 
     async def kill(self, vm_id: str) -> None:
         """Hard-stop the VM; its record stays (stopped) until ``forget``."""

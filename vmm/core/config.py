@@ -225,6 +225,11 @@ class Config:
     run_path: str = f"{STATE_DIR}/vm"
     max_request_body: Size = 10 * 1024 * 1024
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "tcp:HOST:PORT" | "unix:PATH": also serve /metrics there, without auth ("" = only on
+    # `address`, behind auth like every route).
+    metrics_address: str = ""
+    # "tcp:HOST:PORT" | "unix:PATH": serve the Vmm service over native gRPC there too ("" = off).
+    grpc_address: str = ""
     image: ImageConfig = ImageConfig()
     cvm: CvmConfig = CvmConfig()
     gateway: GatewayConfig = GatewayConfig()
@@ -266,6 +271,13 @@ def validate(config: Config) -> Config:
         raise ConfigError("`address`: at least one listen address is required")
     for address in config.addresses:
         parse_address(address)
+    for key in ("metrics_address", "grpc_address"):
+        extra = getattr(config, key)
+        if extra:
+            try:
+                parse_address(extra)
+            except ConfigError as exc:
+                raise ConfigError(exc.message.replace("`address`", f"`{key}`", 1)) from None
     _check_url("kms_url", config.kms_url, allow_empty=True)
     _positive("event_buffer_size", config.event_buffer_size)
     if config.max_request_body < 1024:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -49,6 +50,8 @@ class ChannelHub:
         self.host = host
         self._cid_owner = cid_owner
         self._set_desired = set_desired
+        # Hears how long each boot this daemon launched took, start to boot progress "done".
+        self.boot_observer: Callable[[float], None] | None = None
         self._agents: dict[str, GuestAgentClient] = {}
         self._links: dict[str, HostApiLink] = {}
         self.bridge = PrpcBridge(
@@ -104,6 +107,10 @@ class ChannelHub:
     async def _apply(self, vm: Vm, event: str, payload: str) -> None:
         if event == "boot.progress":
             vm.boot_progress = payload
+            if payload == "done" and vm.launched_at is not None:
+                if self.boot_observer is not None:
+                    self.boot_observer(time.monotonic() - vm.launched_at)
+                vm.launched_at = None
         elif event == "boot.error":
             vm.boot_error = payload
         elif event == "shutdown.progress":

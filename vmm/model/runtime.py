@@ -14,6 +14,8 @@ class Runtime:
 
     ``status``: running; stopped (on request); exited (by itself: ``exit_code`` or ``signal``
     say how, when the backend could see it); error (it could not be started: ``error`` says why).
+    ``paused``: a running QEMU whose vCPUs are stopped (PauseVm): it still holds its memory,
+    CID and ports, so it counts as running everywhere but in the status a client sees.
     """
 
     status: RuntimeStatus
@@ -26,6 +28,7 @@ class Runtime:
     name: str = ""  # the VM's name as the backend recorded it, for logs about orphans
     cid: int | None = None  # the vsock CID it runs with; kept across daemon restarts
     is_vm: bool = True  # False for other processes a backend may run (temporary helpers)
+    paused: bool = False
 
     @property
     def running(self) -> bool:

@@ -20,7 +20,7 @@ from vmm.model.runtime import Runtime
 from vmm.model.workdir import SharedFiles, Workdir
 from vmm.rpc import vmm_rpc_pb2 as pb
 
-VmStatus = Literal["running", "exited", "stopping", "stopped", "removing"]
+VmStatus = Literal["running", "paused", "exited", "stopping", "stopped", "removing"]
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Vm:
     # Where the VM's events go besides its ring: the daemon's event bus (vms/events), handed
     # in by the manager so this layer needs no import of it.
     on_event: Callable[[Vm, pb.GuestEvent], None] | None = None
+    launched_at: float | None = None  # monotonic time of this boot's launch, until boot is done
 
     @property
     def id(self) -> str:
@@ -54,10 +55,17 @@ class Vm:
         return self.runtime is not None and self.runtime.running
 
     @property
+    def paused(self) -> bool:
+        """Running with its vCPUs stopped (PauseVm); as the backend reports it."""
+        return self.runtime is not None and self.runtime.running and self.runtime.paused
+
+    @property
     def status(self) -> VmStatus:
         if self.removing:
             return "removing"
         if self.started:
+            if self.paused:
+                return "paused"
             return "running" if self.running else "exited"
         return "stopping" if self.running else "stopped"
 

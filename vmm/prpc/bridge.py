@@ -7,14 +7,20 @@ built). A servicer method has the signature ``async def Method(self, request, ct
 Encoding follows dstack's pRPC rules: JSON when the request is a GET, has ``?json`` (empty,
 ``true`` or ``1``), or has a JSON content type; otherwise protobuf binary. The answer uses the
 request's encoding, and so do errors: ``{"error", "message", "code"}`` or ``prpc.PrpcError``.
+
+``observer``, when set, hears of every call once it is answered: (method, code, seconds), the
+method ``(unknown)`` for a name the service lacks and the code ``OK`` for success. It is how the
+metrics count RPCs without this module knowing of them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +50,10 @@ log = logging.getLogger(__name__)
 JSON_TYPE = "application/json"
 PROTOBUF_TYPE = "application/octet-stream"
 LEGACY_PREFIX = "Teepod."
+UNKNOWN_METHOD = "(unknown)"
+
+# (method, code, seconds) of one answered call.
+CallObserver = Callable[[str, str, float], None]
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,7 @@ class PrpcBridge:
         self.body_budget = body_budget
         self.strip_prefixes = strip_prefixes
         self.methods = {m.name: self._bind(m, servicer) for m in service.methods}
+        self.observer: CallObserver | None = None
 
     @staticmethod
     def _bind(method: MethodDescriptor, servicer: object) -> _Method:
@@ -145,6 +156,25 @@ class PrpcBridge:
         self, name: str, body: bytes, *, use_json: bool, ctx: CallContext, query: str | None = None
     ) -> tuple[int, str, bytes]:
         """Decode, call and encode one RPC: (status, media type, body). Shared by every transport."""
+        started, code = time.perf_counter(), "INTERNAL"  # stays so if the handler has a bug
+        try:
+            code, answer = await self._dispatch(name, body, use_json=use_json, ctx=ctx, query=query)
+            return answer
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the caller left, or the daemon is stopping
+            raise
+        finally:
+            if self.observer is not None:
+                try:
+                    label = self.resolve(name).name
+                except UnknownMethod:
+                    label = UNKNOWN_METHOD
+                self.observer(label, code, time.perf_counter() - started)
+
+    async def _dispatch(
+        self, name: str, body: bytes, *, use_json: bool, ctx: CallContext, query: str | None
+    ) -> tuple[str, tuple[int, str, bytes]]:
+        """(the answer's code, the answer)."""
         try:
             method = self.resolve(name)
             if query is not None:
@@ -160,7 +190,7 @@ class PrpcBridge:
                     f"expected {method.output_class.__name__}"
                 )
         except VmmError as exc:
-            return error_parts(exc.message, exc.code, exc.status_code, use_json=use_json)
+            return exc.code, error_parts(exc.message, exc.code, exc.status_code, use_json=use_json)
         except OSError as exc:
             if exc.errno not in OUT_OF_SPACE:
                 raise
@@ -168,10 +198,11 @@ class PrpcBridge:
             # StartVm); each is the same condition for the caller, whichever call hit it.
             error = StorageError.of(exc, _short_path(exc.filename))
             log.warning("%s: %s", name, error.message)
-            return error_parts(error.message, error.code, error.status_code, use_json=use_json)
+            return error.code, error_parts(error.message, error.code, error.status_code,
+                                           use_json=use_json)
         if use_json:
-            return 200, JSON_TYPE, codec.to_json_bytes(result)
-        return 200, PROTOBUF_TYPE, result.SerializeToString()
+            return "OK", (200, JSON_TYPE, codec.to_json_bytes(result))
+        return "OK", (200, PROTOBUF_TYPE, result.SerializeToString())
 
 
 def _short_path(filename: object) -> str:

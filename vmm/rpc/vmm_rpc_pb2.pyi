@@ -356,20 +356,22 @@ class HostCapabilities(_message.Message):
     def __init__(self, accelerator: _Optional[str] = ..., tee_platform: _Optional[str] = ..., guest_channel: _Optional[str] = ..., qemu_version: _Optional[str] = ..., cpu_model: _Optional[str] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., backend_features: _Optional[_Iterable[str]] = ..., backend_unsupported: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetMetaResponse(_message.Message):
-    __slots__ = ("kms", "gateway", "resources", "networking", "host", "config_file")
+    __slots__ = ("kms", "gateway", "resources", "networking", "host", "config_file", "log_level")
     KMS_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     NETWORKING_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FILE_FIELD_NUMBER: _ClassVar[int]
+    LOG_LEVEL_FIELD_NUMBER: _ClassVar[int]
     kms: KmsSettings
     gateway: GatewaySettings
     resources: ResourcesSettings
     networking: NetworkingCapabilities
     host: HostCapabilities
     config_file: str
-    def __init__(self, kms: _Optional[_Union[KmsSettings, _Mapping]] = ..., gateway: _Optional[_Union[GatewaySettings, _Mapping]] = ..., resources: _Optional[_Union[ResourcesSettings, _Mapping]] = ..., networking: _Optional[_Union[NetworkingCapabilities, _Mapping]] = ..., host: _Optional[_Union[HostCapabilities, _Mapping]] = ..., config_file: _Optional[str] = ...) -> None: ...
+    log_level: str
+    def __init__(self, kms: _Optional[_Union[KmsSettings, _Mapping]] = ..., gateway: _Optional[_Union[GatewaySettings, _Mapping]] = ..., resources: _Optional[_Union[ResourcesSettings, _Mapping]] = ..., networking: _Optional[_Union[NetworkingCapabilities, _Mapping]] = ..., host: _Optional[_Union[HostCapabilities, _Mapping]] = ..., config_file: _Optional[str] = ..., log_level: _Optional[str] = ...) -> None: ...
 
 class VersionResponse(_message.Message):
     __slots__ = ("version", "rev")
@@ -466,3 +468,9 @@ class DhcpLeaseRequest(_message.Message):
     mac: str
     ip: str
     def __init__(self, mac: _Optional[str] = ..., ip: _Optional[str] = ...) -> None: ...
+
+class LogLevelRequest(_message.Message):
+    __slots__ = ("level",)
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    level: str
+    def __init__(self, level: _Optional[str] = ...) -> None: ...

@@ -61,6 +61,9 @@ class AutoRestart:
         self._clock = clock
         self._tracks: dict[str, _Track] = {}
         self._next_check = 0.0
+        # Attempts since the daemon started, by outcome (for the metrics).
+        self.restarted = 0
+        self.failed = 0
 
     def reset(self, vm_id: str) -> None:
         """A manual start, stop or shutdown: the operator is in charge again."""
@@ -127,9 +130,11 @@ class AutoRestart:
         try:
             await self._start(vm.id)
         except Exception as exc:  # one VM's failure must not stop the others' restarts
+            self.failed += 1
             reason = exc.message if isinstance(exc, VmmError) else f"{type(exc).__name__}: {exc}"
             vm.add_event("vmm.auto_restart", f"{attempt} failed: {reason}")
             log.warning("VM %s: auto-restart %s failed: %s", vm.id, attempt, reason)
             return
+        self.restarted += 1
         vm.add_event("vmm.auto_restart", f"{attempt}: restarted")
         log.info("VM %s: auto-restart %s: restarted", vm.id, attempt)

@@ -39,6 +39,13 @@ _COPY_CHUNK = 1024 * 1024
 # Rotations of one file must not interleave (a start and a periodic check could meet); they are
 # short, so one lock for all files is enough.
 _lock = threading.Lock()
+_rotated_bytes = 0  # taken out of live logs since the daemon started (under _lock)
+
+
+def rotated_bytes() -> int:
+    """Bytes taken out of live logs by rotation in this process (what the metrics report)."""
+    with _lock:
+        return _rotated_bytes
 
 
 def channel_paths(workdir: Workdir) -> tuple[Path, Path, Path]:
@@ -51,6 +58,7 @@ def backup_path(path: Path, n: int) -> Path:
 
 def rotate(path: Path, max_bytes: int, max_backups: int) -> bool:
     """Rotate ``path`` now if it has any content; return whether it did."""
+    global _rotated_bytes  # noqa: PLW0603 - one process-wide tally, guarded by _lock
     with _lock:
         try:
             size = path.stat().st_size
@@ -66,6 +74,7 @@ def rotate(path: Path, max_bytes: int, max_backups: int) -> bool:
                     older.replace(backup_path(path, n + 1))
             _copy_tail(path, backup_path(path, 1), size, max_bytes)
         os.truncate(path, 0)
+        _rotated_bytes += size
         return True
 
 

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
@@ -191,6 +192,7 @@ class Manager:
                 vm.add_event("vmm.start_failed", exc.message)
                 raise Unavailable(f"cannot start VM {vm_id}: {exc.message}") from None
             vm.boot_progress, vm.boot_error, vm.shutdown_progress = "booting", "", ""
+            vm.launched_at = time.monotonic()
             vm.instance_id, vm.app_url = "", ""
             await self.channels.close(vm)  # a previous boot's channels point at dead sockets
             self.channels.open(vm)
@@ -238,12 +240,45 @@ class Manager:
             log.warning("VM %s: %s, but cannot read its state: %s", vm.id, done, exc.message)
             return vm.runtime
 
+    # -- pause / resume -------------------------------------------------------------------------
+    # A paused VM keeps everything a running one holds (memory, CID, ports, desired state), so
+    # limits, auto-restart and log rotation see it as running; only Status says "paused".
+
+    async def pause(self, vm_id: str) -> None:
+        vm = self.get(vm_id)
+        async with vm.lock:
+            if vm.removing or not vm.running:
+                raise Conflict(f"VM {vm_id} is not running (status: {vm.status})")
+            if not vm.paused:
+                await self.backend.pause(vm.id)
+                vm.runtime = await self._runtime_after(vm, "paused")
+                vm.add_event("vmm.paused", "vCPUs stopped")
+
+    async def resume(self, vm_id: str) -> None:
+        vm = self.get(vm_id)
+        async with vm.lock:
+            if vm.removing or not vm.running:
+                raise Conflict(f"VM {vm_id} is not running (status: {vm.status})")
+            if vm.paused:
+                await self._resume(vm, "vCPUs running again")
+
+    async def _resume(self, vm: Vm, why: str) -> None:
+        await self.backend.resume(vm.id)
+        vm.runtime = await self._runtime_after(vm, "resumed")
+        vm.add_event("vmm.resumed", why)
+
     async def shutdown(self, vm_id: str) -> None:
-        """Ask the guest to power off; a watcher hard-stops the VM after the timeout."""
+        """Ask the guest to power off; a watcher hard-stops the VM after the timeout.
+
+        A paused guest is resumed first: it cannot hear the agent or the power button while its
+        vCPUs are stopped, and a graceful power-off is what ShutdownVm promises.
+        """
         vm = self.get(vm_id)
         async with vm.lock:
             if not vm.running:
                 raise Conflict(f"VM {vm_id} is not running (status: {vm.status})")
+            if vm.paused:
+                await self._resume(vm, "to shut it down")
             progress = vm.shutdown_progress
             vm.shutdown_progress = "shutting down"
             try:

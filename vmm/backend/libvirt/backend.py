@@ -81,6 +81,8 @@ class _Domain(Protocol):
     def metadata(self, kind: int, uri: str | None, flags: int = 0) -> str: ...
     def create(self) -> int: ...
     def destroy(self) -> int: ...
+    def suspend(self) -> int: ...
+    def resume(self) -> int: ...
     def controlInfo(self, flags: int = 0) -> list[int]: ...
     def shutdownFlags(self, flags: int = 0) -> int: ...
     def undefineFlags(self, flags: int = 0) -> int: ...
@@ -162,7 +164,7 @@ class LibvirtBackend:
         lib = ".".join(map(str, self._libvirt_version))
         qemu = ".".join(map(str, self._qemu_version))
         features = ["user-net", "port-forward", "bridge-net", "serial-channel", "9p-share",
-                    "hugepages", "gpu-passthrough"]  # fmt: skip
+                    "hugepages", "gpu-passthrough", "pause"]  # fmt: skip
         unsupported = [f"TDX: libvirt {lib} has no <launchSecurity type='tdx'>"]
         if self._libvirt_version < SEV_SNP_MIN_LIBVIRT:
             unsupported.append(f"SEV-SNP: libvirt {lib} has no <launchSecurity type='sev-snp'>")
@@ -273,6 +275,28 @@ class LibvirtBackend:
                                   f"{exc}") from None  # fmt: skip
 
         await self._call(press)
+
+    async def pause(self, vm_id: str) -> None:
+        await self._set_paused(vm_id, paused=True)
+
+    async def resume(self, vm_id: str) -> None:
+        await self._set_paused(vm_id, paused=False)
+
+    async def _set_paused(self, vm_id: str, *, paused: bool) -> None:
+        name = domain_name(vm_id, self.prefix)
+
+        def switch(conn: _Connection) -> None:
+            domain = self._lookup(conn, name)
+            if domain is None or self._ours(domain, vm_id) is None or not domain.isActive():
+                raise Conflict(f"VM {vm_id} is not running")
+            if (domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED) == paused:
+                return  # already so: suspend/resume would refuse
+            if paused:
+                domain.suspend()
+            else:
+                domain.resume()
+
+        await self._call(switch)
 
     async def kill(self, vm_id: str) -> None:
         name = domain_name(vm_id, self.prefix)
@@ -386,8 +410,10 @@ class LibvirtBackend:
         if status == "running":
             pid = self._processes.pid_of(domain.UUIDString())
             started_at = self._processes.started_at(pid) if pid is not None else None
+        # libvirt pauses a domain for a moment while it starts it: that is not a PauseVm.
+        paused = state == libvirt.VIR_DOMAIN_PAUSED and reason != libvirt.VIR_DOMAIN_PAUSED_STARTING_UP
         return Runtime(status=status, pid=pid, started_at=started_at, exit_code=exit_code,
-                       error=error, cid=meta.cid)  # fmt: skip
+                       error=error, cid=meta.cid, paused=paused)  # fmt: skip
 
 
 def _wait_for_settled_job(domain: _Domain) -> None:

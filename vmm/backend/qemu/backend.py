@@ -2,13 +2,20 @@
 
 The supervisor owns the QEMU processes (they outlive the daemon) and reports them as
 ``ProcessInfo``; this module is the only place that turns a VM into a ``ProcessConfig`` and a
-``ProcessInfo`` back into a backend-neutral ``Runtime``. The supervisor itself stays reachable
-for the Sv* RPCs, which are extras of this backend.
+``ProcessInfo`` back into a backend-neutral ``Runtime``.
+
+Whether a QEMU is paused is not in the supervisor's table: QEMU itself says so (QMP
+``query-status``). It is asked once per QEMU process (keyed by pid: at adoption after a daemon
+restart, or after any start), and from then on this backend's own ``stop``/``cont`` keep the
+answer current, so the watcher's refresh does not open a QMP connection per VM per second.
+The supervisor itself stays reachable for the Sv* RPCs, which are extras of this backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from vmm.backend import disk
@@ -16,14 +23,19 @@ from vmm.backend.base import BackendInfo, LaunchSpec
 from vmm.backend.qemu.argv import build_qemu_argv
 from vmm.backend.qemu.qmp import qmp_execute
 from vmm.core.config import Config
-from vmm.core.exceptions import SupervisorError
+from vmm.core.exceptions import Conflict, SupervisorError, Unavailable
 from vmm.host.capabilities import HostCapabilities
 from vmm.model.runtime import Runtime
 from vmm.model.workdir import Workdir
 from vmm.supervisor.client import SupervisorClient, ensure_supervisor
 from vmm.supervisor.types import ProcessConfig, ProcessInfo
 
+log = logging.getLogger(__name__)
+
 NAME = "qemu"
+# A QEMU that does not answer query-status within this is asked again at the next refresh; the
+# watcher must not wait the full QMP timeout per VM.
+QUERY_DEADLINE = 1.0
 
 
 async def open_backend(config: Config, host: HostCapabilities) -> QemuBackend:
@@ -50,10 +62,12 @@ class QemuBackend:
         self.config = config
         self.supervisor = supervisor
         self.run_path = Path(config.run_path).absolute()
+        # vm id -> (QEMU pid, paused): what QMP said of that process, or what we made it.
+        self._paused: dict[str, tuple[int, bool]] = {}
         self._info = BackendInfo(
             name=NAME, version=qemu_path,
             features=("tdx", "sev-snp", "vsock", "serial-channel", "user-net", "gpus",
-                      "hugepages"),
+                      "hugepages", "pause"),
             unsupported=(),
         )
 
@@ -81,17 +95,56 @@ class QemuBackend:
             cwd=str(wd.path), stdout=str(wd.stdout_log), stderr=str(wd.stderr_log),
             pidfile=str(wd.qemu_pid), cid=spec.cid, note=VM_NOTE,
         ))
+        self._paused.pop(spec.manifest.id, None)
         return await self.runtime(spec.manifest.id)
 
     async def runtime(self, vm_id: str) -> Runtime | None:
         info = await self.supervisor.info(vm_id)
-        return None if info is None else runtime_of(info)
+        return None if info is None else await self._with_paused(runtime_of(info), vm_id)
 
     async def runtimes(self) -> dict[str, Runtime]:
-        return {p.config.id: runtime_of(p) for p in await self.supervisor.list()}
+        found = {p.config.id: runtime_of(p) for p in await self.supervisor.list()}
+        for vm_id in [i for i in self._paused if i not in found]:
+            del self._paused[vm_id]
+        return {vm_id: await self._with_paused(r, vm_id) for vm_id, r in found.items()}
+
+    async def _with_paused(self, runtime: Runtime, vm_id: str) -> Runtime:
+        if not runtime.running or runtime.pid is None or not runtime.is_vm:
+            return runtime
+        known = self._paused.get(vm_id)
+        if known is None or known[0] != runtime.pid:
+            try:
+                state = await qmp_execute(self._qmp(vm_id), "query-status", deadline=QUERY_DEADLINE)
+            except Unavailable as exc:
+                # Booting (no QMP socket yet) or wedged: not known to be paused; asked again.
+                log.debug("VM %s: query-status: %s", vm_id, exc.message)
+                return runtime
+            meanwhile = self._paused.get(vm_id)
+            if meanwhile is not known and meanwhile is not None and meanwhile[0] == runtime.pid:
+                known = meanwhile  # a pause or resume during the query: newer than its answer
+            else:
+                known = (runtime.pid, isinstance(state, dict) and state.get("status") == "paused")
+                self._paused[vm_id] = known
+        return dataclasses.replace(runtime, paused=known[1])
+
+    async def pause(self, vm_id: str) -> None:
+        await self._set_paused(vm_id, "stop", paused=True)
+
+    async def resume(self, vm_id: str) -> None:
+        await self._set_paused(vm_id, "cont", paused=False)
+
+    async def _set_paused(self, vm_id: str, command: str, *, paused: bool) -> None:
+        info = await self.supervisor.info(vm_id)
+        if info is None or not info.state.running or info.state.pid is None:
+            raise Conflict(f"VM {vm_id} is not running")
+        await qmp_execute(self._qmp(vm_id), command)
+        self._paused[vm_id] = (info.state.pid, paused)
+
+    def _qmp(self, vm_id: str) -> Path:
+        return Workdir(self.run_path / vm_id).qmp_socket
 
     async def request_power_off(self, vm_id: str) -> None:
-        await qmp_execute(Workdir(self.run_path / vm_id).qmp_socket, "system_powerdown")
+        await qmp_execute(self._qmp(vm_id), "system_powerdown")
 
     async def kill(self, vm_id: str) -> None:
         await self.supervisor.stop(vm_id)
