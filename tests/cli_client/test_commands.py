@@ -78,6 +78,24 @@ def test_deploy_list_info_and_lifecycle(daemon: DaemonProcess, tmp_path: Path) -
         wait_for("removed", lambda: status_of(client, vm_id) == "gone")
 
 
+def test_pause_resume_and_log_level(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """pause/resume drive PauseVm/ResumeVm (Status paused, then running); log-level sets and shows."""
+    vm_id = deploy(daemon, tmp_path, "pausable")
+    with daemon.client(headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        wait_for("running", lambda: status_of(client, vm_id) == "running")
+        # QEMU answers QMP a moment after it starts: the first pause may find it not yet ready.
+        wait_for("paused", lambda: cli(daemon, tmp_path, "pause", vm_id).returncode == 0
+                 and status_of(client, vm_id) == "paused")
+        assert ok(cli(daemon, tmp_path, "resume", vm_id)) == f"ResumeVm {vm_id}: ok\n"
+        assert status_of(client, vm_id) == "running"
+    refused = cli(daemon, tmp_path, "pause", "no-such-vm")
+    assert refused.returncode == 1 and "no-such-vm" in refused.stderr
+    assert ok(cli(daemon, tmp_path, "log-level", "debug")) == "debug\n"
+    assert ok(cli(daemon, tmp_path, "log-level")) == "debug\n"
+    assert ok(cli(daemon, tmp_path, "log-level", "info")) == "info\n"
+    ok(cli(daemon, tmp_path, "remove", vm_id))
+
+
 def test_graceful_stop_is_shutdown_vm(daemon: DaemonProcess, tmp_path: Path) -> None:
     """stop without -f calls ShutdownVm; the VM ends up stopped."""
     vm_id = deploy(daemon, tmp_path, "graceful")

@@ -6,13 +6,15 @@ import argparse
 import sys
 from types import ModuleType
 
-from vmm.cli_client import compose, deploy, events, host, kms, registry, update, vms
+from vmm.cli_client import compose, deploy, events, host, kms, operate, registry, update, vms
 from vmm.cli_client.client import Client, CliError, resolve_settings
 
 DESCRIPTION = "drive a VMM daemon from the shell (commands and flags follow dstack's vmm-cli)"
 
 #: The command modules, in help order. A new one (say ``events``) only needs a line here.
-COMMANDS: tuple[ModuleType, ...] = (vms, deploy, compose, update, events, host, registry, kms)
+COMMANDS: tuple[ModuleType, ...] = (
+    vms, operate, deploy, compose, update, events, host, registry, kms,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
