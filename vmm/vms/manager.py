@@ -52,6 +52,8 @@ from vmm.model.manifest import DesiredState, ManifestError, PortMap
 from vmm.model.runtime import Runtime
 from vmm.model.vm import Vm
 from vmm.model.workdir import Workdir, create_workdir, shown_path
+from vmm.net.leases import LeaseBook, nic_of_mac
+from vmm.net.nics import interface_statuses, resolve_networks
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vms import boot, limits, log_rotation, reconcile
 from vmm.vms.auto_restart import AutoRestart
@@ -84,6 +86,8 @@ class Manager:
         self.log_rotation = log_rotation.LogRotation(config.cvm.log, self.vms.values)
         self.channels = ChannelHub(config, host, lookup=self.vms.get, cid_owner=self.cids.owner,
                                    set_desired=self.set_desired)
+        self.leases = LeaseBook(lambda mac: nic_of_mac(self.vms.values(), config.cvm.networking,
+                                                       mac))  # fmt: skip
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -198,6 +202,7 @@ class Manager:
         return LaunchSpec(
             manifest=vm.manifest, image=image, workdir=vm.workdir.path, cid=vm.cid,
             host=self.host, compose_hash=compose_hash(vm.shared.compose),
+            nics=resolve_networks(vm.manifest, self.config.cvm.networking),
         )
 
     async def _with_gpus(self, spec: LaunchSpec) -> LaunchSpec:
@@ -362,6 +367,7 @@ class Manager:
             await asyncio.to_thread(vm.workdir.delete)
         self.cids.release(vm.cid)
         self.vms.pop(vm.id, None)
+        self.leases.forget(vm.id)
 
     # -- report -------------------------------------------------------------------------------
 
@@ -379,10 +385,21 @@ class Manager:
             first = (max(request.page, 1) - 1) * request.page_size
             vms = vms[first : first + request.page_size]
         return pb.StatusResponse(
-            vms=[vm.info(brief=request.brief, guest_channel=self.host.channel) for vm in vms],
+            vms=[self.vm_info(vm, brief=request.brief) for vm in vms],
             port_mapping_enabled=self.config.cvm.port_mapping.enabled,
             total=total,
         )
+
+    def vm_info(self, vm: Vm, *, brief: bool) -> pb.VmInfo:
+        """Status/GetInfo's view of one VM, with every NIC (brief or not) and its leased IP."""
+        info = vm.info(brief=brief, guest_channel=self.host.channel)
+        try:
+            resolved = resolve_networks(vm.manifest, self.config.cvm.networking)
+        except ValueError as exc:  # config changed under the VM (e.g. the default bridge gone)
+            log.warning("VM %s: cannot resolve its NICs: %s", vm.id, exc)
+            return info
+        info.interfaces.extend(interface_statuses(resolved, self.leases.ips(vm.id)))
+        return info
 
     # -- recovery -----------------------------------------------------------------------------
 
@@ -427,6 +444,7 @@ class Manager:
             vm.add_event("vmm.adopted", f"pid {runtime.pid if runtime else '?'}")
             self.channels.open(vm)
         self.vms[manifest.id] = vm
+        self.leases.load(vm.id, workdir.leases)
         return vm
 
     def _event_ring(self) -> deque[pb.GuestEvent]:
