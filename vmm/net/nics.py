@@ -18,10 +18,12 @@ from vmm.core.config import NetworkingConfig, parse_mac_prefix
 from vmm.core.exceptions import InvalidField
 from vmm.model.manifest import Manifest, NetMode, Network, PortMap
 from vmm.net.macs import derive_mac
+from vmm.net.tap import tap_name
 from vmm.rpc import vmm_rpc_pb2 as pb
 
-# The modes whose NICs can carry port mappings: slirp's hostfwd. Custom netdevs are opaque.
-FORWARDING_MODES: frozenset[str] = frozenset({"user"})
+# The modes whose NICs can carry port mappings: slirp's hostfwd, and for bridge NICs the
+# daemon's forwards to the leased IP (vmm.net.forwards). Custom netdevs are opaque.
+FORWARDING_MODES: frozenset[str] = frozenset({"user", "bridge"})
 # What Status calls each mode's QEMU backend (dstack's NetworkInterfaceStatus.backend words).
 _BACKEND_OF: dict[str, str] = {"user": "slirp", "bridge": "tap_bridge", "custom": "custom"}
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -41,6 +43,7 @@ class ResolvedNic:
     restrict: bool
     netdev: str  # custom mode only: the configured -netdev string
     ports: tuple[PortMap, ...] = ()  # the mappings that forward to this NIC
+    tap: str = ""  # bridge mode only: the TAP device the daemon makes on the bridge
 
 
 def entries_of(manifest_networks: Sequence[Network], config: NetworkingConfig) -> tuple[Network, ...]:
@@ -75,6 +78,7 @@ def resolve_networks(manifest: Manifest, config: NetworkingConfig) -> tuple[Reso
                 restrict=config.restrict,
                 netdev=netdev,
                 ports=tuple(p for p in manifest.port_map if p.nic == i),
+                tap=tap_name(manifest.id, i) if entry.mode == "bridge" else "",
             )
         )
     return tuple(nics)
@@ -163,14 +167,14 @@ def interface_statuses(
     return result
 
 
-BRIDGE_HELPER = Path("/usr/lib/qemu/qemu-bridge-helper")
+TUN_DEVICE = Path("/dev/net/tun")
 
 
 def available_modes(networking: NetworkingConfig, root: Path = Path("/")) -> list[str]:
     """The modes a VM can be created with on this host now (GetMeta's ``supported_modes``).
 
-    ``user`` always; ``bridge`` when QEMU's bridge helper is installed and a bridge exists (the
-    configured default, or any when none is configured, since a VM may name its own).
+    ``user`` always; ``bridge`` when the daemon can make TAPs (/dev/net/tun) and a bridge exists
+    (the configured default, or any when none is configured, since a VM may name its own).
     """
     modes = ["user"]
     net = root / "sys/class/net"
@@ -178,6 +182,6 @@ def available_modes(networking: NetworkingConfig, root: Path = Path("/")) -> lis
         bridge_there = (net / networking.bridge / "bridge").is_dir()
     else:
         bridge_there = any(net.glob("*/bridge"))
-    if bridge_there and (root / BRIDGE_HELPER.relative_to("/")).exists():
+    if bridge_there and (root / TUN_DEVICE.relative_to("/")).exists():
         modes.append("bridge")
     return modes

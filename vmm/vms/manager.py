@@ -52,6 +52,7 @@ from vmm.model.manifest import DesiredState, ManifestError, PortMap
 from vmm.model.runtime import Runtime
 from vmm.model.vm import Vm
 from vmm.model.workdir import Workdir, create_workdir, shown_path
+from vmm.net.forwards import Forwards
 from vmm.net.leases import LeaseBook, nic_of_mac
 from vmm.net.nics import interface_statuses, resolve_networks
 from vmm.rpc import vmm_rpc_pb2 as pb
@@ -86,8 +87,12 @@ class Manager:
         self.log_rotation = log_rotation.LogRotation(config.cvm.log, self.vms.values)
         self.channels = ChannelHub(config, host, lookup=self.vms.get, cid_owner=self.cids.owner,
                                    set_desired=self.set_desired)
-        self.leases = LeaseBook(lambda mac: nic_of_mac(self.vms.values(), config.cvm.networking,
-                                                       mac))  # fmt: skip
+        # Bridge NICs' forwards follow leases and the lifecycle: each change recomputes them.
+        self.forwards = Forwards(config.cvm.networking, self.vms.values, self._leased_ips)
+        self.leases = LeaseBook(
+            lambda mac: nic_of_mac(self.vms.values(), config.cvm.networking, mac),
+            on_change=lambda _vm, _nic, _ip: self.forwards.refresh(),
+        )
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -197,6 +202,7 @@ class Manager:
             vm.runtime = runtime or vm.runtime
             vm.add_event("vmm.started", f"pid {runtime.pid if runtime else '?'}")
             log.info("started VM %s", vm.id)
+        await self.forwards.refresh()
 
     def _launch_spec(self, vm: Vm, image: Image) -> LaunchSpec:
         return LaunchSpec(
@@ -229,6 +235,7 @@ class Manager:
             await self.backend.kill(vm.id)
             vm.runtime = await self._runtime_after(vm, "stopped")
         await self.channels.close(vm)
+        await self.forwards.refresh()
 
     async def _runtime_after(self, vm: Vm, done: str) -> Runtime | None:
         """The runtime state after a stop that happened, even if it cannot be read."""
@@ -368,6 +375,7 @@ class Manager:
         self.cids.release(vm.cid)
         self.vms.pop(vm.id, None)
         self.leases.forget(vm.id)
+        await self.forwards.refresh()
 
     # -- report -------------------------------------------------------------------------------
 
@@ -406,6 +414,11 @@ class Manager:
     async def load_all(self) -> None:
         """Rebuild the registry from disk and adopt what the backend still runs."""
         await reconcile.load_all(self)
+        await self.forwards.open()
+        await self.forwards.refresh()  # restores adopted VMs' forwards, drops those of gone VMs
+
+    def _leased_ips(self, vm_id: str) -> dict[int, str]:
+        return self.leases.ips(vm_id)
 
     def adopt(self, workdir: Workdir, runtime: Runtime | None) -> Vm | None:
         """Load one work directory into the registry, with its QEMU if the backend runs it."""
@@ -465,6 +478,7 @@ class Manager:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.channels.close_all()
+        await self.forwards.close()
 
     async def _watch(self) -> None:
         """Keep runtime states current so Status never asks the backend."""

@@ -39,6 +39,7 @@ from vmm.model.manifest import Manifest, Network, PortMap
 from vmm.model.workdir import AGENT_SOCKET, HOST_API_SOCKET, QMP_SOCKET
 from vmm.net.macs import derive_mac
 from vmm.net.nics import resolve_networks
+from vmm.net.tap import tap_name
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("VMM_UPDATE_GOLDEN") == "1"
@@ -221,7 +222,7 @@ def test_hostfwd_on_the_nic_each_mapping_names() -> None:
     ports = (replace(tcp, nic=1), replace(udp, nic=2))
     spec = replace(spec, manifest=spec.manifest.evolve(networks=nets, port_map=ports))
     devs = netdevs(build_qemu_argv(spec, config))
-    assert devs[0] == "bridge,id=net0,br=br0"
+    assert devs[0] == f"tap,id=net0,ifname={tap_name(spec.manifest.id, 0)},script=no,downscript=no"
     assert devs[1].startswith("user,id=net1,") and devs[1].endswith(",hostfwd=tcp:127.0.0.1:18080-:8000")
     assert devs[2].startswith("user,id=net2,") and devs[2].endswith(",hostfwd=udp:127.0.0.1:18080-:53")
 

@@ -267,7 +267,8 @@ def netdev_option(nic: ResolvedNic, default_address: str) -> str:
         )
         return netdev + "".join("," + hostfwd(p, default_address) for p in nic.ports)
     if nic.mode == "bridge":
-        return f"bridge,id={nic.netdev_id},br={_opt(nic.bridge)}"
+        # The daemon made the TAP and put it on the bridge (vmm.net.tap): no helper scripts.
+        return f"tap,id={nic.netdev_id},ifname={nic.tap},script=no,downscript=no"
     return nic.netdev
 
 

@@ -16,10 +16,11 @@ from vmm.backend.base import BackendInfo, LaunchSpec
 from vmm.backend.qemu.argv import build_qemu_argv
 from vmm.backend.qemu.qmp import qmp_execute
 from vmm.core.config import Config
-from vmm.core.exceptions import SupervisorError
+from vmm.core.exceptions import BackendError, SupervisorError
 from vmm.host.capabilities import HostCapabilities
 from vmm.model.runtime import Runtime
 from vmm.model.workdir import Workdir
+from vmm.net import tap
 from vmm.supervisor.client import SupervisorClient, ensure_supervisor
 from vmm.supervisor.types import ProcessConfig, ProcessInfo
 
@@ -75,6 +76,12 @@ class QemuBackend:
 
     async def launch(self, spec: LaunchSpec) -> Runtime | None:
         argv = build_qemu_argv(spec, self.config)
+        for nic in spec.resolved_nics(self.config.cvm.networking):
+            if nic.tap:
+                try:
+                    await tap.ensure_tap(nic.tap, nic.bridge)
+                except OSError as exc:
+                    raise BackendError(f"networks[{nic.index}]: cannot make its TAP: {exc}") from None
         wd = Workdir(spec.workdir)
         await self.supervisor.deploy(ProcessConfig(
             id=spec.manifest.id, name=spec.manifest.name, command=argv[0], args=argv[1:], env={},
@@ -98,6 +105,7 @@ class QemuBackend:
 
     async def forget(self, vm_id: str) -> None:
         await self.supervisor.remove(vm_id)
+        await tap.remove_taps_of(vm_id)
 
     async def close(self) -> None:
         await self.supervisor.aclose()
