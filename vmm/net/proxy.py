@@ -48,7 +48,9 @@ def _key(route: Route) -> Key:
 class UserspaceForwarder:
     name = "userspace"
 
-    def __init__(self) -> None:
+    def __init__(self, max_sessions: int = MAX_SESSIONS, udp_idle: float = UDP_IDLE) -> None:
+        self.max_sessions = max_sessions
+        self.udp_idle = udp_idle
         self._listeners: dict[Key, _TcpListener | _UdpListener] = {}
 
     async def apply(self, forwards: Sequence[Route]) -> None:
@@ -59,7 +61,8 @@ class UserspaceForwarder:
             if key in self._listeners:
                 continue
             listener: _TcpListener | _UdpListener
-            listener = _TcpListener(fw) if fw.protocol == "tcp" else _UdpListener(fw)
+            listener = (_TcpListener(fw, self.max_sessions) if fw.protocol == "tcp"
+                        else _UdpListener(fw, self.max_sessions, self.udp_idle))  # fmt: skip
             try:
                 await listener.open()
             except OSError as exc:
@@ -73,8 +76,9 @@ class UserspaceForwarder:
 
 
 class _TcpListener:
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, max_sessions: int) -> None:
         self.route = route
+        self.max_sessions = max_sessions
         self.server: asyncio.Server | None = None
         self.sessions: set[asyncio.Task[None]] = set()
 
@@ -85,7 +89,7 @@ class _TcpListener:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if len(self.sessions) >= MAX_SESSIONS or task is None:
+        if len(self.sessions) >= self.max_sessions or task is None:
             writer.close()
             return
         self.sessions.add(task)
@@ -101,6 +105,8 @@ class _TcpListener:
             return
         try:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except asyncio.CancelledError:
+            pass  # the forward was withdrawn (``close``): end the session quietly
         finally:
             for w in (writer, up_writer):
                 w.close()
@@ -147,8 +153,10 @@ class _UdpSession(asyncio.DatagramProtocol):
 
 
 class _UdpListener(asyncio.DatagramProtocol):
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, max_sessions: int, idle: float) -> None:
         self.route = route
+        self.max_sessions = max_sessions
+        self.idle = idle
         self.transport: asyncio.DatagramTransport | None = None
         self.sessions: dict[tuple[str, int], _UdpSession] = {}
         self.pending: set[tuple[str, int]] = set()
@@ -171,7 +179,7 @@ class _UdpListener(asyncio.DatagramProtocol):
             session.last = time.monotonic()
             session.transport.sendto(data)
             return
-        if len(self.sessions) + len(self.pending) >= MAX_SESSIONS or client in self.pending:
+        if len(self.sessions) + len(self.pending) >= self.max_sessions or client in self.pending:
             return  # over the bound, or its session is still being opened: dropped, as UDP may
         self.pending.add(client)
         task = asyncio.create_task(self._open_session(client, data))
@@ -192,10 +200,10 @@ class _UdpListener(asyncio.DatagramProtocol):
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(min(UDP_IDLE / 6, 10.0))
+            await asyncio.sleep(min(self.idle / 6, 10.0))
             now = time.monotonic()
             for client, session in list(self.sessions.items()):
-                if now - session.last > UDP_IDLE and session.transport is not None:
+                if now - session.last > self.idle and session.transport is not None:
                     session.transport.close()
                     del self.sessions[client]
 
