@@ -21,7 +21,7 @@ from vmm.core.names import VM_ID, check_name
 from vmm.core.version import __version__, git_revision
 from vmm.host import gpus
 from vmm.model import compose, images
-from vmm.net import leases, nics
+from vmm.net import leases, nics, passt
 from vmm.prpc.bridge import CallContext
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.supervisor.client import SupervisorClient
@@ -76,7 +76,7 @@ class VmmServicer:
         usage = self.daemon.resource_usage()
         backend = self.daemon.backend.info
         net = cvm.networking
-        modes = nics.available_modes(net)
+        modes = nics.available_modes(net, passt_found=bool(passt.passt_binary()))
         return pb.GetMetaResponse(
             kms=pb.KmsSettings(url=cvm.kms_urls[0] if cvm.kms_urls else "", urls=cvm.kms_urls),
             gateway=pb.GatewaySettings(

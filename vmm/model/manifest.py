@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Protocol = Literal["tcp", "udp"]
-NetMode = Literal["user", "bridge", "custom"]
+NetMode = Literal["user", "bridge", "passt", "custom"]
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
@@ -296,8 +296,8 @@ def _host_address(address: str, where: str) -> str:
 def _network(value: object, where: str) -> Network:
     r = _object(value, where)
     mode = r.text("mode", default="user")
-    if mode not in ("user", "bridge", "custom"):
-        raise ManifestError(f"`{where}.mode` must be user, bridge or custom")
+    if mode not in ("user", "bridge", "passt", "custom"):
+        raise ManifestError(f"`{where}.mode` must be user, bridge, passt or custom")
     bridge = r.text("bridge", default="") or r.text("bridge_name", default="")
     mac = r.text("mac", default="")
     if mac and not _MAC.fullmatch(mac):

@@ -23,9 +23,10 @@ from vmm.rpc import vmm_rpc_pb2 as pb
 
 # The modes whose NICs can carry port mappings: slirp's hostfwd, and for bridge NICs the
 # daemon's forwards to the leased IP (vmm.net.forwards). Custom netdevs are opaque.
-FORWARDING_MODES: frozenset[str] = frozenset({"user", "bridge"})
+FORWARDING_MODES: frozenset[str] = frozenset({"user", "bridge", "passt"})
 # What Status calls each mode's QEMU backend (dstack's NetworkInterfaceStatus.backend words).
-_BACKEND_OF: dict[str, str] = {"user": "slirp", "bridge": "tap_bridge", "custom": "custom"}
+_BACKEND_OF: dict[str, str] = {"user": "slirp", "bridge": "tap_bridge", "passt": "passt",
+                               "custom": "custom"}
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
@@ -170,11 +171,13 @@ def interface_statuses(
 TUN_DEVICE = Path("/dev/net/tun")
 
 
-def available_modes(networking: NetworkingConfig, root: Path = Path("/")) -> list[str]:
+def available_modes(networking: NetworkingConfig, root: Path = Path("/"), *,
+                    passt_found: bool = False) -> list[str]:
     """The modes a VM can be created with on this host now (GetMeta's ``supported_modes``).
 
     ``user`` always; ``bridge`` when the daemon can make TAPs (/dev/net/tun) and a bridge exists
-    (the configured default, or any when none is configured, since a VM may name its own).
+    (the configured default, or any when none is configured, since a VM may name its own);
+    ``passt`` when its binary is installed.
     """
     modes = ["user"]
     net = root / "sys/class/net"
@@ -184,4 +187,6 @@ def available_modes(networking: NetworkingConfig, root: Path = Path("/")) -> lis
         bridge_there = any(net.glob("*/bridge"))
     if bridge_there and (root / TUN_DEVICE.relative_to("/")).exists():
         modes.append("bridge")
+    if passt_found:
+        modes.append("passt")
     return modes

@@ -19,12 +19,12 @@ from vmm.model import compose
 from vmm.model.images import Image, ImageError, load_image, root_disk_size
 from vmm.model.manifest import GpuAttachment, GpuSpec, Manifest, Network, PortMap
 from vmm.model.workdir import SharedFiles
-from vmm.net import nics
+from vmm.net import nics, passt
 from vmm.rpc import vmm_rpc_pb2 as pb
 
 MAX_USER_CONFIG = 1024 * 1024
 # Modes a client may ask for; custom is a raw -netdev from config only (as dstack refuses it).
-RPC_MODES = ("user", "bridge")
+RPC_MODES = ("user", "bridge", "passt")
 GIB = 1024**3
 
 
@@ -164,7 +164,7 @@ def check_networks(config: Config, request: pb.VmConfiguration) -> tuple[Network
     field = "networks"
     if not entries and request.HasField("networking"):
         entries, field = [request.networking], "networking"
-    result = []
+    result: list[Network] = []
     for i, entry in enumerate(entries):
         where = f"{field}[{i}]" if field == "networks" else field
         if entry.mode not in RPC_MODES:
@@ -180,6 +180,11 @@ def check_networks(config: Config, request: pb.VmConfiguration) -> tuple[Network
         elif entry.mode == "bridge" and not config.cvm.networking.bridge:
             raise InvalidField(f"{where}.bridge_name",
                                "is required: this host has no default (cvm.networking.bridge)")
+        if entry.mode == "passt":
+            if not passt.passt_binary():
+                raise InvalidField(f"{where}.mode", "passt is not installed on this host")
+            if any(n.mode == "passt" for n in result):
+                raise InvalidField(f"{where}.mode", "a VM has at most one passt NIC")
         mac = nics.check_mac(entry.mac, f"{where}.mac") if entry.mac else ""
         result.append(Network(mode=entry.mode, bridge=entry.bridge_name, mac=mac))  # type: ignore[arg-type]
     return tuple(result)

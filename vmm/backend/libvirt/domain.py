@@ -380,7 +380,8 @@ def _nics(devices: ET.Element, injected: _Injected, spec: LaunchSpec, config: Co
             ET.SubElement(interface, "source", bridge=nic.bridge)
             ET.SubElement(interface, "model", type="virtio")
             continue
-        injected.args += ["-netdev", netdev_option(nic, config.cvm.port_mapping.address)]
+        injected.args += ["-netdev", netdev_option(nic, config.cvm.port_mapping.address,
+                                                   spec.workdir)]
         injected.pci_device(f"virtio-net-pci,netdev={nic.netdev_id},mac={nic.mac}")
 
 

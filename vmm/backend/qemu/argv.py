@@ -51,6 +51,7 @@ from vmm.host.capabilities import Tee
 from vmm.model.manifest import PortMap
 from vmm.model.workdir import AGENT_SOCKET, DISK, HOST_API_SOCKET, QMP_SOCKET
 from vmm.net.nics import ResolvedNic
+from vmm.net.passt import socket_path as passt_socket
 
 AGENT_PORT_NAME = "org.vmm.guest-agent"
 HOST_API_PORT_NAME = "org.vmm.host-api"
@@ -248,13 +249,13 @@ def _nics(spec: LaunchSpec, config: Config, snp: bool) -> list[str]:
     argv: list[str] = []
     for nic in spec.resolved_nics(config.cvm.networking):
         argv += [
-            "-netdev", netdev_option(nic, config.cvm.port_mapping.address),
+            "-netdev", netdev_option(nic, config.cvm.port_mapping.address, spec.workdir),
             "-device", _virtio(f"virtio-net-pci,netdev={nic.netdev_id},mac={nic.mac}", snp),
         ]  # fmt: skip
     return argv
 
 
-def netdev_option(nic: ResolvedNic, default_address: str) -> str:
+def netdev_option(nic: ResolvedNic, default_address: str, workdir: Path) -> str:
     """The ``-netdev`` value of one NIC (shared with the libvirt domain's injected NICs).
 
     Each user NIC carries the hostfwd of the mappings placed on it (``ResolvedNic.ports``);
@@ -266,6 +267,10 @@ def netdev_option(nic: ResolvedNic, default_address: str) -> str:
             f"restrict={'yes' if nic.restrict else 'no'}"
         )
         return netdev + "".join("," + hostfwd(p, default_address) for p in nic.ports)
+    if nic.mode == "passt":
+        # passt (started beside QEMU, vmm.net.passt) serves this socket and does the forwards.
+        path = _opt(passt_socket(workdir))
+        return f"stream,id={nic.netdev_id},server=off,addr.type=unix,addr.path={path}"
     if nic.mode == "bridge":
         # The daemon made the TAP and put it on the bridge (vmm.net.tap): no helper scripts.
         return f"tap,id={nic.netdev_id},ifname={nic.tap},script=no,downscript=no"
