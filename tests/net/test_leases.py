@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -74,6 +75,14 @@ def hook(daemon: DaemonProcess, *args: str, timeout: float = 3,
             "VMM_TOKEN": TOKEN, "VMM_HOOK_TIMEOUT": str(timeout)}  # fmt: skip
     return subprocess.run(["python3", str(HOOK), *args], env={**base, **env}, text=True,
                           capture_output=True, timeout=timeout + 20, check=False)  # fmt: skip
+
+
+def test_get_meta_offers_only_modes_this_host_can_run(daemon: DaemonProcess) -> None:
+    """supported_modes: user always, passt iff installed, bridge iff a bridge and a TUN device."""
+    modes = call(daemon, "GetMeta", {}).json()["networking"]["supported_modes"]
+    bridge = any(Path("/sys/class/net").glob("*/bridge")) and Path("/dev/net/tun").exists()
+    expected = ["user"] + (["bridge"] if bridge else []) + (["passt"] if shutil.which("passt") else [])
+    assert modes == expected
 
 
 def test_two_nics_each_take_their_own_mapping(daemon: DaemonProcess) -> None:

@@ -105,3 +105,4 @@ def test_available_modes_follow_the_host(tmp_path: Path) -> None:
     assert available_modes(NET, tmp_path) == ["user", "bridge"]
     assert available_modes(NetworkingConfig(bridge="br9"), tmp_path) == ["user"]
     assert available_modes(NetworkingConfig(bridge="br7"), tmp_path) == ["user", "bridge"]
+    assert available_modes(NET, tmp_path, passt_found=True) == ["user", "bridge", "passt"]
