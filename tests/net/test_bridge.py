@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from tests.net.netns import add_bridge, end, netns, ns_run
 from tests.support.daemon_proc import REPO_ROOT, DaemonProcess, start_daemon
 from tests.support.guest_image import ensure_guest_image
 from tests.support.short_dirs import short_dir
-from tests.support.vm_ops import wait_for
+from tests.support.vm_ops import qemu_pid_of, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -63,8 +64,8 @@ def net() -> Iterator[Net]:
             end(dnsmasq)
 
 
-def start(net: Net, forward: str) -> DaemonProcess:
-    config = (
+def start(net: Net, forward: str, extra: str = "") -> DaemonProcess:
+    config = extra + (
         f'[auth]\nenabled = true\ntokens = ["{TOKEN}"]\n'
         f'[image]\npath = "{net.image_dir.parent}"\n'
         '[cvm]\naccel = "tcg"\nshutdown_timeout = 60\n'
@@ -94,6 +95,11 @@ def guest_http(net: Net, port: int) -> dict[str, Any] | None:
     except ValueError:
         return None
     return answer if answer.get("service") == "vmm-guest" else None
+
+
+def listening(net: Net, port: int) -> bool:
+    """Whether something in the netns listens on TCP ``port`` (the user-space forwarder)."""
+    return bool(ns_run(net.ns, "ss", "-Hltn", f"sport = :{port}").stdout.strip())
 
 
 def nft_rules(net: Net) -> str:
@@ -169,8 +175,9 @@ def test_bridge_forward_through_nft_follows_leases_and_lifecycle(net: Net) -> No
 
 
 def test_bridge_forward_in_user_space(net: Net) -> None:
-    """With forward = userspace the mapped port reaches the guest with no nft table at all."""
-    daemon = start(net, "userspace")
+    """With forward = userspace the mapped port reaches the guest with no nft table at all; the
+    listener goes when QEMU dies by itself (seen by the watcher, no RPC involved)."""
+    daemon = start(net, "userspace", extra="[cvm.auto_restart]\nenabled = false\n")
     try:
         vm_id, _mac, _ip = boot_and_lease(net, daemon, networks=[{"mode": "bridge"}],
                                           ports=[{"protocol": "tcp", "host_port": BRIDGE_PORT,
@@ -178,8 +185,13 @@ def test_bridge_forward_in_user_space(net: Net) -> None:
         wait_for("the guest through the user-space forward",
                  lambda: guest_http(net, BRIDGE_PORT), timeout=120)  # fmt: skip
         assert nft_rules(net) == ""
-        rpc(daemon, "StopVm", {"id": vm_id})
-        assert guest_http(net, BRIDGE_PORT) is None  # the listener went with the VM
+        assert listening(net, BRIDGE_PORT)
+        pid = qemu_pid_of(net.workdir / "state" / "vm" / vm_id)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for("the listener to go with the VM", lambda: not listening(net, BRIDGE_PORT),
+                 timeout=120)  # fmt: skip
+        assert rpc(daemon, "Status", {"ids": [vm_id]})["vms"][0]["status"] == "exited"
     finally:
         daemon.destroy()
     assert not any(Path("/sys/class/net").glob("vt*n*"))  # no TAP reached the root namespace

@@ -489,7 +489,8 @@ class Manager:
                 log.warning("cannot refresh VM states: %s", exc.message)
             except Exception:
                 log.exception("refreshing VM states failed")
-            for duty in (self.auto_restart.tick, self.log_rotation.tick):
+            # forwards: a VM that powered off or crashed by itself loses its bridge forwards.
+            for duty in (self.auto_restart.tick, self.log_rotation.tick, self.forwards.refresh):
                 try:
                     await duty()
                 except Exception:
