@@ -24,7 +24,8 @@ ALLOWED: dict[str, set[str]] = {
     "vmm.host": {"vmm.model"},
     "vmm.net": {"vmm.model"},
     "vmm.peers": {"vmm.prpc"},
-    "vmm.backend.base": {"vmm.model", "vmm.host"},
+    # LaunchSpec carries the NICs vmm.net resolved, so both backends render the same ones.
+    "vmm.backend.base": {"vmm.model", "vmm.host", "vmm.net"},
     "vmm.backend.disk": {"vmm.backend.base", "vmm.model"},
     "vmm.backend.select": {"vmm.backend.base", "vmm.host"},
     "vmm.backend.qemu": {"vmm.backend.base", "vmm.backend.disk", "vmm.model", "vmm.host",

@@ -67,7 +67,8 @@ def test_deploy_list_info_and_lifecycle(daemon: DaemonProcess, tmp_path: Path) -
         assert vm_id in [vm["id"] for vm in as_json]
         shown = info(daemon, tmp_path, vm_id)
         assert shown["configuration"]["ports"][0] == {  # type: ignore[index]
-            "protocol": "tcp", "host_address": "127.0.0.1", "host_port": 20080, "vm_port": 80}
+            "protocol": "tcp", "host_address": "127.0.0.1", "host_port": 20080, "vm_port": 80,
+            "nic": 0}
         assert "port               tcp:127.0.0.1:20080 -> 80" in ok(cli(daemon, tmp_path, "info", vm_id))
         assert ok(cli(daemon, tmp_path, "stop", "-f", vm_id)) == f"StopVm {vm_id}: ok\n"
         assert status_of(client, vm_id) == "stopped"
@@ -285,7 +286,7 @@ def test_deploy_and_update_flags_reach_the_vm(daemon: DaemonProcess, tmp_path: P
     shown = info(daemon, tmp_path, vm_id)
     config = shown["configuration"]
     assert shown["app_id"] == "ab" * 20
-    assert config["networking"] == {"mode": "user", "bridge_name": ""}  # type: ignore[index]
+    assert config["networking"] == {"mode": "user", "bridge_name": "", "mac": ""}  # type: ignore[index]
     assert (config["hugepages"], config["pin_numa"], config["no_tee"]) == (  # type: ignore[index]
         True, True, True)
     assert config["gateway_urls"] == ["https://gw.example:443"]  # type: ignore[index]

@@ -14,7 +14,7 @@ from tests.conftest import populate_images
 from tests.support.daemon_proc import DaemonProcess, start_daemon
 from tests.support.root_disk_image import ROOTED_IMAGE, make_root_disk_image
 from tests.support.short_dirs import short_dir
-from vmm.core.config import Config, PortMappingConfig, PortRange
+from vmm.core.config import Config, NetworkingConfig, PortMappingConfig, PortRange
 from vmm.core.exceptions import InvalidField
 from vmm.model.images import load_image
 from vmm.rpc import vmm_rpc_pb2 as pb
@@ -222,14 +222,18 @@ def refusal(call: Callable[[], object]) -> InvalidField:
     return caught.value
 
 
+# A host whose default bridge is br0: bridge NICs may leave bridge_name empty.
+BRIDGED = replace(Config(), cvm=replace(Config().cvm, networking=NetworkingConfig(bridge="br0")))
+
+
 @pytest.mark.parametrize("name", ["../../../etc", "..", ".", "a/b", "x" * 16, "br 0", "br:0", ""])
 def test_check_networks_refuses_bad_bridge_names_before_looking(name: str) -> None:
     """A bridge name that is not an interface name is refused by the name rule, not by probing."""
     request = pb.VmConfiguration(networks=[pb.NetworkingConfig(mode="bridge", bridge_name=name)])
     if not name:  # empty means the configured bridge
-        assert check_networks(request)[0].bridge == ""
+        assert check_networks(BRIDGED, request)[0].bridge == ""
         return
-    error = refusal(lambda: check_networks(request))
+    error = refusal(lambda: check_networks(BRIDGED, request))
     assert error.field == "networks[0].bridge_name"
     assert "no bridge" not in error.reason and "/sys" not in error.reason
 
@@ -239,7 +243,7 @@ def test_missing_and_non_bridge_interfaces_get_the_same_answer() -> None:
     def reason(name: str) -> str:
         request = pb.VmConfiguration(
             networks=[pb.NetworkingConfig(mode="bridge", bridge_name=name)])
-        return refusal(lambda: check_networks(request)).reason
+        return refusal(lambda: check_networks(BRIDGED, request)).reason
 
     assert reason("lo") == "no bridge 'lo' on this host"
     assert reason("nosuchbr0") == "no bridge 'nosuchbr0' on this host"

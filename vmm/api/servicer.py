@@ -22,6 +22,7 @@ from vmm.core.names import VM_ID, check_name
 from vmm.core.version import __version__, git_revision
 from vmm.host import gpus
 from vmm.model import compose, images
+from vmm.net import leases, nics, passt
 from vmm.prpc.bridge import CallContext
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.supervisor.client import SupervisorClient
@@ -76,9 +77,7 @@ class VmmServicer:
         usage = self.daemon.resource_usage()
         backend = self.daemon.backend.info
         net = cvm.networking
-        modes = ["user"]
-        if net.bridge or host.bridges:
-            modes.append("bridge")
+        modes = nics.available_modes(net, passt_found=bool(passt.passt_binary()))
         return pb.GetMetaResponse(
             kms=pb.KmsSettings(url=cvm.kms_urls[0] if cvm.kms_urls else "", urls=cvm.kms_urls),
             gateway=pb.GatewaySettings(
@@ -206,8 +205,7 @@ class VmmServicer:
         vm = self.daemon.manager.vms.get(_vm_id(request))
         if vm is None:
             return pb.GetInfoResponse(found=False)
-        info = vm.info(brief=False, guest_channel=self.daemon.host.channel)
-        return pb.GetInfoResponse(found=True, info=info)
+        return pb.GetInfoResponse(found=True, info=self.daemon.manager.vm_info(vm, brief=False))
 
     async def UpdateVm(self, request: pb.UpdateVmRequest, ctx: CallContext) -> pb.Id:
         plan = await vm_update.apply(self.daemon.manager, vm_update.from_update_vm(request))
@@ -303,6 +301,10 @@ class VmmServicer:
             ip = ipaddress.IPv4Address(request.ip.strip())
         except ValueError:
             raise InvalidField("ip", f"{request.ip!r} is not an IPv4 address") from None
+        try:
+            event = leases.event_of(request.event)
+        except ValueError as exc:
+            raise InvalidField("event", str(exc)) from None
         # dnsmasq calls this for every lease on the bridge; MACs that are not ours are ignored.
-        log.info("DHCP lease reported: %s -> %s (no VM owns this MAC)", mac, ip)
+        await self.daemon.manager.leases.report(event, mac, str(ip))
         return Empty()

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from vmm.core.config import NetworkingConfig
 from vmm.host.capabilities import HostCapabilities
 from vmm.model.images import Image
 from vmm.model.manifest import Manifest
 from vmm.model.runtime import Runtime
+from vmm.net.nics import ResolvedNic, resolve_networks
 
 
 def _node_zero(slot: str) -> int:
@@ -54,6 +56,14 @@ class LaunchSpec:
     bridge_slots: tuple[str, ...] = ()
     sev_cbitpos: int = 51
     sev_reduced_phys_bits: int = 1
+    # The NICs as vmm.net resolved them at this start (modes, MACs, bridges, each NIC's port
+    # mappings). None only in specs built by hand (tests): ``resolved_nics`` resolves them then.
+    nics: tuple[ResolvedNic, ...] | None = None
+
+    def resolved_nics(self, networking: NetworkingConfig) -> tuple[ResolvedNic, ...]:
+        if self.nics is not None:
+            return self.nics
+        return resolve_networks(self.manifest, networking)
 
 
 @dataclass(frozen=True)

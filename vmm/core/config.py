@@ -68,6 +68,7 @@ class NetworkingConfig:
     bridge: str = ""
     mac_prefix: str = ""
     netdev: str = ""
+    forward: Literal["auto", "nft", "userspace"] = "auto"
 
 
 @dataclass(frozen=True)

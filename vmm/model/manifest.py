@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Protocol = Literal["tcp", "udp"]
-NetMode = Literal["user", "bridge", "custom"]
+NetMode = Literal["user", "bridge", "passt", "custom"]
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 class ManifestError(ValueError):
@@ -28,14 +30,18 @@ class PortMap:
     host_port: int
     vm_port: int
     address: str
+    nic: int = 0  # index in the VM's networks of the NIC the mapping forwards to
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "address": self.address,
             "protocol": self.protocol,
             "from": self.host_port,
             "to": self.vm_port,
         }
+        if self.nic:  # omitted for NIC 0, so single-NIC manifests stay as dstack writes them
+            data["nic"] = self.nic
+        return data
 
 
 @dataclass(frozen=True)
@@ -63,11 +69,14 @@ class Network:
 
     mode: NetMode
     bridge: str = ""
+    mac: str = ""  # empty: derived from the VM id and the NIC's index
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"mode": self.mode}
         if self.bridge:
             data["bridge"] = self.bridge
+        if self.mac:
+            data["mac"] = self.mac
         return data
 
 
@@ -261,6 +270,7 @@ def _port_map(value: object, where: str) -> PortMap:
         host_port=ports["from"],
         vm_port=ports["to"],
         address=_host_address(r.text("address", default=""), f"{where}.address"),
+        nic=r.number("nic", default=0),
     )
 
 
@@ -286,10 +296,13 @@ def _host_address(address: str, where: str) -> str:
 def _network(value: object, where: str) -> Network:
     r = _object(value, where)
     mode = r.text("mode", default="user")
-    if mode not in ("user", "bridge", "custom"):
-        raise ManifestError(f"`{where}.mode` must be user, bridge or custom")
+    if mode not in ("user", "bridge", "passt", "custom"):
+        raise ManifestError(f"`{where}.mode` must be user, bridge, passt or custom")
     bridge = r.text("bridge", default="") or r.text("bridge_name", default="")
-    return Network(mode=mode, bridge=bridge)  # type: ignore[arg-type]  # checked just above
+    mac = r.text("mac", default="")
+    if mac and not _MAC.fullmatch(mac):
+        raise ManifestError(f"`{where}.mac` must be a MAC address like 02:ab:cd:ef:01:23")
+    return Network(mode=mode, bridge=bridge, mac=mac)  # type: ignore[arg-type]  # checked above
 
 
 def _gpus(value: object, where: str) -> GpuAttachment:

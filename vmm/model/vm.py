@@ -120,7 +120,7 @@ class Vm:
             disk_size=m.disk_size,
             ports=[
                 pb.PortMapping(protocol=p.protocol, host_port=p.host_port, vm_port=p.vm_port,
-                               host_address=p.address)
+                               host_address=p.address, nic=p.nic)
                 for p in m.port_map
             ],
             encrypted_env=self.shared.encrypted_env,
@@ -132,7 +132,8 @@ class Vm:
             gateway_urls=m.gateway_urls,
             stopped=not self.started,
             no_tee=m.no_tee,
-            networks=[pb.NetworkingConfig(mode=n.mode, bridge_name=n.bridge) for n in m.networks],
+            networks=[pb.NetworkingConfig(mode=n.mode, bridge_name=n.bridge, mac=n.mac)
+                      for n in m.networks],
         )
         if m.networks:
             config.networking.CopyFrom(config.networks[0])

@@ -97,6 +97,11 @@ class Workdir:
     def host_api_socket(self) -> Path:
         return self.path / HOST_API_SOCKET
     @property
+    def leases(self) -> Path:
+        # The IPs DHCP leased to the VM's NICs (vmm.net.leases); kept across daemon restarts.
+        return self.path / "dhcp-leases.json"
+
+    @property
     def serial_pty(self) -> Path:
         return self.path / "serial.pty"
 

@@ -44,18 +44,22 @@ class VmInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[str] = ..., uptime: _Optional[str] = ..., app_url: _Optional[str] = ..., app_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., configuration: _Optional[_Union[VmConfiguration, _Mapping]] = ..., exited_at: _Optional[str] = ..., boot_progress: _Optional[str] = ..., boot_error: _Optional[str] = ..., shutdown_progress: _Optional[str] = ..., image_version: _Optional[str] = ..., events: _Optional[_Iterable[_Union[GuestEvent, _Mapping]]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterfaceStatus, _Mapping]]] = ..., guest_channel: _Optional[str] = ...) -> None: ...
 
 class NetworkInterfaceStatus(_message.Message):
-    __slots__ = ("mode", "backend", "mac", "bridge_name", "netdev_id")
+    __slots__ = ("mode", "backend", "mac", "bridge_name", "netdev_id", "ip", "index")
     MODE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MAC_FIELD_NUMBER: _ClassVar[int]
     BRIDGE_NAME_FIELD_NUMBER: _ClassVar[int]
     NETDEV_ID_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     mode: str
     backend: str
     mac: str
     bridge_name: str
     netdev_id: str
-    def __init__(self, mode: _Optional[str] = ..., backend: _Optional[str] = ..., mac: _Optional[str] = ..., bridge_name: _Optional[str] = ..., netdev_id: _Optional[str] = ...) -> None: ...
+    ip: str
+    index: int
+    def __init__(self, mode: _Optional[str] = ..., backend: _Optional[str] = ..., mac: _Optional[str] = ..., bridge_name: _Optional[str] = ..., netdev_id: _Optional[str] = ..., ip: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class GuestEvent(_message.Message):
     __slots__ = ("event", "body", "timestamp")
@@ -124,12 +128,14 @@ class VmConfiguration(_message.Message):
     def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., compose_file: _Optional[str] = ..., vcpu: _Optional[int] = ..., memory: _Optional[int] = ..., disk_size: _Optional[int] = ..., ports: _Optional[_Iterable[_Union[PortMapping, _Mapping]]] = ..., encrypted_env: _Optional[bytes] = ..., app_id: _Optional[str] = ..., user_config: _Optional[str] = ..., hugepages: _Optional[bool] = ..., pin_numa: _Optional[bool] = ..., gpus: _Optional[_Union[GpuConfig, _Mapping]] = ..., kms_urls: _Optional[_Iterable[str]] = ..., gateway_urls: _Optional[_Iterable[str]] = ..., stopped: _Optional[bool] = ..., no_tee: _Optional[bool] = ..., networking: _Optional[_Union[NetworkingConfig, _Mapping]] = ..., networks: _Optional[_Iterable[_Union[NetworkingConfig, _Mapping]]] = ..., simulated_tee: _Optional[str] = ...) -> None: ...
 
 class NetworkingConfig(_message.Message):
-    __slots__ = ("mode", "bridge_name")
+    __slots__ = ("mode", "bridge_name", "mac")
     MODE_FIELD_NUMBER: _ClassVar[int]
     BRIDGE_NAME_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     mode: str
     bridge_name: str
-    def __init__(self, mode: _Optional[str] = ..., bridge_name: _Optional[str] = ...) -> None: ...
+    mac: str
+    def __init__(self, mode: _Optional[str] = ..., bridge_name: _Optional[str] = ..., mac: _Optional[str] = ...) -> None: ...
 
 class GpuConfig(_message.Message):
     __slots__ = ("gpus", "attach_mode")
@@ -146,16 +152,18 @@ class GpuSpec(_message.Message):
     def __init__(self, slot: _Optional[str] = ...) -> None: ...
 
 class PortMapping(_message.Message):
-    __slots__ = ("protocol", "host_port", "vm_port", "host_address")
+    __slots__ = ("protocol", "host_port", "vm_port", "host_address", "nic")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     HOST_PORT_FIELD_NUMBER: _ClassVar[int]
     VM_PORT_FIELD_NUMBER: _ClassVar[int]
     HOST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NIC_FIELD_NUMBER: _ClassVar[int]
     protocol: str
     host_port: int
     vm_port: int
     host_address: str
-    def __init__(self, protocol: _Optional[str] = ..., host_port: _Optional[int] = ..., vm_port: _Optional[int] = ..., host_address: _Optional[str] = ...) -> None: ...
+    nic: int
+    def __init__(self, protocol: _Optional[str] = ..., host_port: _Optional[int] = ..., vm_port: _Optional[int] = ..., host_address: _Optional[str] = ..., nic: _Optional[int] = ...) -> None: ...
 
 class UpdateVmRequest(_message.Message):
     __slots__ = ("id", "compose_file", "encrypted_env", "user_config", "update_ports", "ports", "update_kms_urls", "kms_urls", "update_gateway_urls", "gateway_urls", "gpus", "vcpu", "memory", "disk_size", "image", "no_tee", "update_networking", "networks")
@@ -462,12 +470,14 @@ class PullRegistryImageRequest(_message.Message):
     def __init__(self, tag: _Optional[str] = ...) -> None: ...
 
 class DhcpLeaseRequest(_message.Message):
-    __slots__ = ("mac", "ip")
+    __slots__ = ("mac", "ip", "event")
     MAC_FIELD_NUMBER: _ClassVar[int]
     IP_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
     mac: str
     ip: str
-    def __init__(self, mac: _Optional[str] = ..., ip: _Optional[str] = ...) -> None: ...
+    event: str
+    def __init__(self, mac: _Optional[str] = ..., ip: _Optional[str] = ..., event: _Optional[str] = ...) -> None: ...
 
 class LogLevelRequest(_message.Message):
     __slots__ = ("level",)

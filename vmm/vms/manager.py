@@ -53,6 +53,9 @@ from vmm.model.manifest import DesiredState, ManifestError, PortMap
 from vmm.model.runtime import Runtime
 from vmm.model.vm import Vm
 from vmm.model.workdir import Workdir, create_workdir, shown_path
+from vmm.net.forwards import Forwards
+from vmm.net.leases import LeaseBook, nic_of_mac
+from vmm.net.nics import interface_statuses, resolve_networks
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vms import boot, limits, log_rotation, reconcile
 from vmm.vms.auto_restart import AutoRestart
@@ -88,6 +91,12 @@ class Manager:
         self.log_rotation = log_rotation.LogRotation(config.cvm.log, self.vms.values)
         self.channels = ChannelHub(config, host, lookup=self.vms.get, cid_owner=self.cids.owner,
                                    set_desired=self.set_desired)
+        # Bridge NICs' forwards follow leases and the lifecycle: each change recomputes them.
+        self.forwards = Forwards(config.cvm.networking, self.vms.values, self._leased_ips)
+        self.leases = LeaseBook(
+            lambda mac: nic_of_mac(self.vms.values(), config.cvm.networking, mac),
+            on_change=lambda _vm, _nic, _ip: self.forwards.refresh(),
+        )
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -199,11 +208,13 @@ class Manager:
             vm.runtime = runtime or vm.runtime
             vm.add_event("vmm.started", f"pid {runtime.pid if runtime else '?'}")
             log.info("started VM %s", vm.id)
+        await self.forwards.refresh()
 
     def _launch_spec(self, vm: Vm, image: Image) -> LaunchSpec:
         return LaunchSpec(
             manifest=vm.manifest, image=image, workdir=vm.workdir.path, cid=vm.cid,
             host=self.host, compose_hash=compose_hash(vm.shared.compose),
+            nics=resolve_networks(vm.manifest, self.config.cvm.networking),
         )
 
     async def _with_gpus(self, spec: LaunchSpec) -> LaunchSpec:
@@ -230,6 +241,7 @@ class Manager:
             await self.backend.kill(vm.id)
             vm.runtime = await self._runtime_after(vm, "stopped")
         await self.channels.close(vm)
+        await self.forwards.refresh()
 
     async def _runtime_after(self, vm: Vm, done: str) -> Runtime | None:
         """The runtime state after a stop that happened, even if it cannot be read."""
@@ -403,6 +415,8 @@ class Manager:
         if self.vms.pop(vm.id, None) is not None:
             body = "work directory deleted" if delete else "work directory gone (reload)"
             self.events.publish(vm.id, "vmm.removed", body, status="removed")
+        self.leases.forget(vm.id)
+        await self.forwards.refresh()
 
     # -- report -------------------------------------------------------------------------------
 
@@ -420,16 +434,32 @@ class Manager:
             first = (max(request.page, 1) - 1) * request.page_size
             vms = vms[first : first + request.page_size]
         return pb.StatusResponse(
-            vms=[vm.info(brief=request.brief, guest_channel=self.host.channel) for vm in vms],
+            vms=[self.vm_info(vm, brief=request.brief) for vm in vms],
             port_mapping_enabled=self.config.cvm.port_mapping.enabled,
             total=total,
         )
+
+    def vm_info(self, vm: Vm, *, brief: bool) -> pb.VmInfo:
+        """Status/GetInfo's view of one VM, with every NIC (brief or not) and its leased IP."""
+        info = vm.info(brief=brief, guest_channel=self.host.channel)
+        try:
+            resolved = resolve_networks(vm.manifest, self.config.cvm.networking)
+        except ValueError as exc:  # config changed under the VM (e.g. the default bridge gone)
+            log.warning("VM %s: cannot resolve its NICs: %s", vm.id, exc)
+            return info
+        info.interfaces.extend(interface_statuses(resolved, self.leases.ips(vm.id)))
+        return info
 
     # -- recovery -----------------------------------------------------------------------------
 
     async def load_all(self) -> None:
         """Rebuild the registry from disk and adopt what the backend still runs."""
         await reconcile.load_all(self)
+        await self.forwards.open()
+        await self.forwards.refresh()  # restores adopted VMs' forwards, drops those of gone VMs
+
+    def _leased_ips(self, vm_id: str) -> dict[int, str]:
+        return self.leases.ips(vm_id)
 
     def adopt(self, workdir: Workdir, runtime: Runtime | None) -> Vm | None:
         """Load one work directory into the registry, with its QEMU if the backend runs it."""
@@ -471,6 +501,7 @@ class Manager:
             # Not in the VM's ring (nothing happened to it), but watchers learn it is there.
             self.events.publish(vm.id, "vmm.loaded", "work directory loaded", status=vm.status)
         self.vms[manifest.id] = vm
+        self.leases.load(vm.id, workdir.leases)
         return vm
 
     def _publish(self, vm: Vm, event: pb.GuestEvent) -> None:
@@ -495,6 +526,7 @@ class Manager:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.channels.close_all()
+        await self.forwards.close()
 
     async def _watch(self) -> None:
         """Keep runtime states current so Status never asks the backend."""
@@ -505,7 +537,8 @@ class Manager:
                 log.warning("cannot refresh VM states: %s", exc.message)
             except Exception:
                 log.exception("refreshing VM states failed")
-            for duty in (self.auto_restart.tick, self.log_rotation.tick):
+            # forwards: a VM that powered off or crashed by itself loses its bridge forwards.
+            for duty in (self.auto_restart.tick, self.log_rotation.tick, self.forwards.refresh):
                 try:
                     await duty()
                 except Exception:

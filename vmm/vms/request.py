@@ -19,9 +19,12 @@ from vmm.model import compose
 from vmm.model.images import Image, ImageError, load_image, root_disk_size
 from vmm.model.manifest import GpuAttachment, GpuSpec, Manifest, Network, PortMap
 from vmm.model.workdir import SharedFiles
+from vmm.net import nics, passt
 from vmm.rpc import vmm_rpc_pb2 as pb
 
 MAX_USER_CONFIG = 1024 * 1024
+# Modes a client may ask for; custom is a raw -netdev from config only (as dstack refuses it).
+RPC_MODES = ("user", "bridge", "passt")
 GIB = 1024**3
 
 
@@ -58,6 +61,7 @@ def check_ports(
 
     ``require_address`` keeps dstack's UpdateVm rule that every entry names its host address;
     otherwise an empty one means ``cvm.port_mapping.address``. An empty list is always allowed.
+    Each mapping keeps NIC 0 here; ``place_ports`` then puts it on the NIC it asks for.
     """
     mapping = config.cvm.port_mapping
     result: list[PortMap] = []
@@ -89,6 +93,11 @@ def check_ports(
                 raise InvalidField(where, f"duplicates ports[{j}] ({describe_port(other)})")
         result.append(candidate)
     return tuple(result)
+
+
+def wanted_nics(ports: Iterable[pb.PortMapping]) -> list[int | None]:
+    """The NIC each mapping names (``nic``, an extension), None where it names none."""
+    return [port.nic if port.HasField("nic") else None for port in ports]
 
 
 def check_host_address(address: str, default: str, field: str) -> str:
@@ -150,16 +159,17 @@ def check_gpus(config: Config, request: pb.VmConfiguration) -> GpuAttachment | N
     return GpuAttachment(attach_mode=gpus.attach_mode, gpus=tuple(specs))  # type: ignore[arg-type]
 
 
-def check_networks(request: pb.VmConfiguration) -> tuple[Network, ...]:
+def check_networks(config: Config, request: pb.VmConfiguration) -> tuple[Network, ...]:
     entries = list(request.networks)
     field = "networks"
     if not entries and request.HasField("networking"):
         entries, field = [request.networking], "networking"
-    result = []
+    result: list[Network] = []
     for i, entry in enumerate(entries):
         where = f"{field}[{i}]" if field == "networks" else field
-        if entry.mode not in ("user", "bridge"):
-            raise InvalidField(f"{where}.mode", f"must be user or bridge, got {entry.mode!r}")
+        if entry.mode not in RPC_MODES:
+            modes = " or ".join(RPC_MODES)
+            raise InvalidField(f"{where}.mode", f"must be {modes}, got {entry.mode!r}")
         if entry.bridge_name and entry.mode != "bridge":
             raise InvalidField(f"{where}.bridge_name", "is only allowed with mode bridge")
         if entry.bridge_name:
@@ -167,7 +177,16 @@ def check_networks(request: pb.VmConfiguration) -> tuple[Network, ...]:
             bridge = check_name(entry.bridge_name, f"{where}.bridge_name", IFNAME)
             if not is_bridge(bridge):
                 raise InvalidField(f"{where}.bridge_name", f"no bridge {bridge!r} on this host")
-        result.append(Network(mode=entry.mode, bridge=entry.bridge_name))  # type: ignore[arg-type]
+        elif entry.mode == "bridge" and not config.cvm.networking.bridge:
+            raise InvalidField(f"{where}.bridge_name",
+                               "is required: this host has no default (cvm.networking.bridge)")
+        if entry.mode == "passt":
+            if not passt.passt_binary():
+                raise InvalidField(f"{where}.mode", "passt is not installed on this host")
+            if any(n.mode == "passt" for n in result):
+                raise InvalidField(f"{where}.mode", "a VM has at most one passt NIC")
+        mac = nics.check_mac(entry.mac, f"{where}.mac") if entry.mac else ""
+        result.append(Network(mode=entry.mode, bridge=entry.bridge_name, mac=mac))  # type: ignore[arg-type]
     return tuple(result)
 
 
@@ -206,12 +225,16 @@ def build_vm(config: Config, request: pb.VmConfiguration) -> tuple[Manifest, Sha
     check_resources(config, request.vcpu, request.memory, request.disk_size)
     check_disk_fits_image(image, request.disk_size)
     ports = check_ports(config, request.ports)
+    networks = check_networks(config, request)
+    vm_id = str(uuid.uuid4())
+    nics.check_distinct(networks, vm_id, config.cvm.networking, "networks")
+    ports = nics.place_ports(ports, wanted_nics(request.ports), networks, config.cvm.networking)
     if request.HasField("simulated_tee") and request.simulated_tee:
         raise InvalidField("simulated_tee", "no TEE simulator is configured on this host")
     if len(request.user_config) > MAX_USER_CONFIG:
         raise InvalidField("user_config", f"is larger than {MAX_USER_CONFIG} bytes")
     manifest = Manifest(
-        id=str(uuid.uuid4()),
+        id=vm_id,
         name=request.name,
         app_id=compose.app_id_for(
             request.compose_file, request.app_id if request.HasField("app_id") else None
@@ -228,7 +251,7 @@ def build_vm(config: Config, request: pb.VmConfiguration) -> tuple[Manifest, Sha
         kms_urls=check_urls("kms_urls", request.kms_urls),
         gateway_urls=check_urls("gateway_urls", request.gateway_urls),
         no_tee=request.no_tee,
-        networks=check_networks(request),
+        networks=networks,
     )
     shared = SharedFiles(
         compose=request.compose_file,

@@ -55,8 +55,9 @@ from typing import TYPE_CHECKING, Protocol
 from vmm.core.exceptions import BadRequest, Conflict, InvalidField, StorageError
 from vmm.core.fsutil import atomic_write, fsync_dir, write_synced
 from vmm.model import compose
-from vmm.model.manifest import GpuAttachment, Manifest, Network, PortMap
+from vmm.model.manifest import GpuAttachment, Manifest, PortMap
 from vmm.model.workdir import SharedFiles, Workdir, shown_path
+from vmm.net import nics
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vms.request import (
     MAX_USER_CONFIG,
@@ -67,6 +68,7 @@ from vmm.vms.request import (
     check_resources,
     check_urls,
     find_image,
+    wanted_nics,
 )
 
 if TYPE_CHECKING:
@@ -188,8 +190,20 @@ def plan(config: Config, vm: Vm, req: UpdateRequest) -> Plan:
         new_user_config = req.user_config
         changed.append("user_config")
 
-    if req.ports is not None:
-        ports: tuple[PortMap, ...] = check_ports(config, req.ports, require_address=True)
+    networks = old.networks
+    if req.networks is not None:
+        networks = check_networks(config, pb.VmConfiguration(networks=req.networks))
+        nics.check_distinct(networks, old.id, config.cvm.networking, "networks")
+    if req.ports is not None or req.networks is not None:
+        # New networks re-place the kept mappings: one on a NIC that can no longer carry it is
+        # refused here, not dropped at the next boot.
+        raw = old.port_map
+        wanted: list[int | None] = [p.nic for p in old.port_map]
+        if req.ports is not None:
+            raw = check_ports(config, req.ports, require_address=True)
+            wanted = wanted_nics(req.ports)
+        ports: tuple[PortMap, ...] = nics.place_ports(raw, wanted, networks,
+                                                       config.cvm.networking)
         _set(fields, changed, old, "port_map", ports, label="ports")
     if req.kms_urls is not None:
         _set(fields, changed, old, "kms_urls", check_urls("kms_urls", req.kms_urls))
@@ -197,7 +211,6 @@ def plan(config: Config, vm: Vm, req: UpdateRequest) -> Plan:
         _set(fields, changed, old, "gateway_urls",
              check_urls("gateway_urls", req.gateway_urls))
     if req.networks is not None:
-        networks: tuple[Network, ...] = check_networks(pb.VmConfiguration(networks=req.networks))
         _set(fields, changed, old, "networks", networks)
     if req.gpus is not None:
         gpus: GpuAttachment | None = check_gpus(config, pb.VmConfiguration(gpus=req.gpus))

@@ -41,9 +41,10 @@ from vmm.backend.libvirt.domain import (
     parse_meta,
 )
 from vmm.backend.libvirt.support import libvirt_version_tuple, unsupported_features
-from vmm.backend.qemu.argv import build_qemu_argv, resolve_networks
+from vmm.backend.qemu.argv import build_qemu_argv
 from vmm.core.config import Config, NetworkingConfig, ProductConfig
 from vmm.model.manifest import Network
+from vmm.net.nics import resolve_networks
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("VMM_UPDATE_GOLDEN") == "1"

@@ -25,11 +25,7 @@ import pytest
 from tests.support.short_dirs import short_dir
 from vmm.backend.base import LaunchSpec
 from vmm.backend.disk import qemu_img_create_argv
-from vmm.backend.qemu.argv import (
-    build_qemu_argv,
-    effective_tee,
-    resolve_networks,
-)
+from vmm.backend.qemu.argv import build_qemu_argv, effective_tee
 from vmm.core.config import (
     Config,
     GpuConfig,
@@ -42,6 +38,8 @@ from vmm.model.images import Image
 from vmm.model.manifest import Manifest, Network, PortMap
 from vmm.model.workdir import AGENT_SOCKET, HOST_API_SOCKET, QMP_SOCKET
 from vmm.net.macs import derive_mac
+from vmm.net.nics import resolve_networks
+from vmm.net.tap import tap_name
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("VMM_UPDATE_GOLDEN") == "1"
@@ -216,15 +214,17 @@ def test_device_groups_follow_reference_order() -> None:
     assert positions == sorted(positions)
 
 
-def test_hostfwd_only_on_first_user_nic() -> None:
-    """With bridge, user, user NICs the mappings go on net1 only."""
+def test_hostfwd_on_the_nic_each_mapping_names() -> None:
+    """With bridge, user, user NICs each mapping's hostfwd goes on the NIC it was placed on."""
     spec, config = dev_case()
     nets = (Network(mode="bridge", bridge="br0"), Network(mode="user"), Network(mode="user"))
-    spec = replace(spec, manifest=spec.manifest.evolve(networks=nets))
+    tcp, udp = spec.manifest.port_map
+    ports = (replace(tcp, nic=1), replace(udp, nic=2))
+    spec = replace(spec, manifest=spec.manifest.evolve(networks=nets, port_map=ports))
     devs = netdevs(build_qemu_argv(spec, config))
-    assert devs[0] == "bridge,id=net0,br=br0"
-    assert devs[1].startswith("user,id=net1,") and devs[1].count("hostfwd=") == 2
-    assert devs[2].startswith("user,id=net2,") and "hostfwd" not in devs[2]
+    assert devs[0] == f"tap,id=net0,ifname={tap_name(spec.manifest.id, 0)},script=no,downscript=no"
+    assert devs[1].startswith("user,id=net1,") and devs[1].endswith(",hostfwd=tcp:127.0.0.1:18080-:8000")
+    assert devs[2].startswith("user,id=net2,") and devs[2].endswith(",hostfwd=udp:127.0.0.1:18080-:53")
 
 
 def test_empty_host_address_uses_config_address() -> None:

@@ -39,8 +39,7 @@ from vmm.backend.qemu.argv import (
     HOST_API_PORT_NAME,
     Sizing,
     effective_tee,
-    hostfwd,
-    resolve_networks,
+    netdev_option,
     size_guest,
 )
 from vmm.core.config import Config, CvmConfig, ProductConfig
@@ -374,27 +373,15 @@ def _gpus(
 
 
 def _nics(devices: ET.Element, injected: _Injected, spec: LaunchSpec, config: Config) -> None:
-    forwarded = False
-    for nic in resolve_networks(spec.manifest, config.cvm.networking):
+    for nic in spec.resolved_nics(config.cvm.networking):
         if nic.mode == "bridge":
             interface = ET.SubElement(devices, "interface", type="bridge")
             ET.SubElement(interface, "mac", address=nic.mac)
             ET.SubElement(interface, "source", bridge=nic.bridge)
             ET.SubElement(interface, "model", type="virtio")
             continue
-        if nic.mode == "user":
-            netdev = (
-                f"user,id={nic.netdev_id},net={nic.net},dhcpstart={nic.dhcp_start},"
-                f"restrict={'yes' if nic.restrict else 'no'}"
-            )
-            # slirp binds each host port once; a second user NIC cannot forward the same ports.
-            if not forwarded:
-                address = config.cvm.port_mapping.address
-                netdev += "".join("," + hostfwd(p, address) for p in spec.manifest.port_map)
-                forwarded = True
-        else:
-            netdev = nic.netdev
-        injected.args += ["-netdev", netdev]
+        injected.args += ["-netdev", netdev_option(nic, config.cvm.port_mapping.address,
+                                                   spec.workdir)]
         injected.pci_device(f"virtio-net-pci,netdev={nic.netdev_id},mac={nic.mac}")
 
 

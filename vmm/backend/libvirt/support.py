@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 
 from vmm.backend.base import LaunchSpec
-from vmm.backend.qemu.argv import ResolvedNic, effective_tee, resolve_networks
+from vmm.backend.qemu.argv import effective_tee
 from vmm.core.config import Config, ProductConfig
+from vmm.net.nics import ResolvedNic
 
 SEV_SNP_MIN_LIBVIRT = (10, 5, 0)
 _BIOS_DATE = re.compile(r"^\d{2}/\d{2}/(\d{2}|\d{4})$")
@@ -47,7 +48,7 @@ def unsupported_features(
         problems.append(f"cvm.user = {cvm.user!r}: libvirt runs QEMU as qemu.conf's user, not "
                         "through sudo (libvirt backend)")  # fmt: skip
     problems += _product_problems(cvm.product)
-    for nic in resolve_networks(spec.manifest, cvm.networking):
+    for nic in spec.resolved_nics(cvm.networking):
         problems += _nic_problems(nic)
     return problems
 

@@ -46,11 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmm.backend.base import LaunchSpec
-from vmm.core.config import Config, CvmConfig, NetworkingConfig, ProductConfig, parse_mac_prefix
+from vmm.core.config import Config, CvmConfig, ProductConfig
 from vmm.host.capabilities import Tee
-from vmm.model.manifest import Manifest, NetMode, Network, PortMap
+from vmm.model.manifest import PortMap
 from vmm.model.workdir import AGENT_SOCKET, DISK, HOST_API_SOCKET, QMP_SOCKET
-from vmm.net.macs import derive_mac
+from vmm.net.nics import ResolvedNic
+from vmm.net.passt import socket_path as passt_socket
 
 AGENT_PORT_NAME = "org.vmm.guest-agent"
 HOST_API_PORT_NAME = "org.vmm.host-api"
@@ -61,21 +62,6 @@ _MRCONFIGID_LEN = 48
 _PCI_SLOT = re.compile(r"^[0-9A-Fa-f:.]+$")
 _COMPOSE_HASH = re.compile(r"^[0-9a-f]{64}$")
 _IP_LITERAL_CHARS = re.compile(r"[0-9A-Fa-f.:]+")
-
-
-@dataclass(frozen=True)
-class ResolvedNic:
-    """One NIC after the per-VM entry is merged over ``[cvm.networking]``."""
-
-    index: int
-    mode: NetMode
-    bridge: str  # bridge mode only
-    mac: str
-    netdev_id: str
-    net: str
-    dhcp_start: str
-    restrict: bool
-    netdev: str  # custom mode only: the configured -netdev string
 
 
 @dataclass(frozen=True)
@@ -90,38 +76,6 @@ class Sizing:
 def effective_tee(spec: LaunchSpec) -> Tee:
     """The TEE this VM runs under: the host's, unless the manifest asks for none."""
     return "none" if spec.manifest.no_tee else spec.host.tee
-
-
-def resolve_networks(manifest: Manifest, config: NetworkingConfig) -> list[ResolvedNic]:
-    """Merge each manifest NIC over the node default; no entries means one default NIC."""
-    entries = manifest.networks or (Network(mode=config.mode),)
-    prefix = parse_mac_prefix(config.mac_prefix)
-    nics = []
-    for i, entry in enumerate(entries):
-        netdev_id = f"net{i}"
-        bridge = (entry.bridge or config.bridge) if entry.mode == "bridge" else ""
-        if entry.mode == "bridge" and not bridge:
-            raise ValueError(
-                f"networks[{i}]: bridge mode needs a bridge name and cvm.networking.bridge is empty"
-            )
-        netdev = config.netdev if entry.mode == "custom" else ""
-        if entry.mode == "custom" and f"id={netdev_id}" not in netdev.split(","):
-            wanted = f"id={netdev_id}"
-            raise ValueError(f"networks[{i}]: cvm.networking.netdev lacks {wanted}: {netdev!r}")
-        nics.append(
-            ResolvedNic(
-                index=i,
-                mode=entry.mode,
-                bridge=bridge,
-                mac=derive_mac(manifest.id, i, prefix),
-                netdev_id=netdev_id,
-                net=config.net,
-                dhcp_start=config.dhcp_start,
-                restrict=config.restrict,
-                netdev=netdev,
-            )
-        )
-    return nics
 
 
 def mrconfigid_v1(compose_hash: str) -> str:
@@ -293,27 +247,34 @@ def _is_ip_literal(address: str) -> bool:
 
 def _nics(spec: LaunchSpec, config: Config, snp: bool) -> list[str]:
     argv: list[str] = []
-    forwarded = False
-    for nic in resolve_networks(spec.manifest, config.cvm.networking):
-        if nic.mode == "user":
-            netdev = (
-                f"user,id={nic.netdev_id},net={nic.net},dhcpstart={nic.dhcp_start},"
-                f"restrict={'yes' if nic.restrict else 'no'}"
-            )
-            # slirp binds each host port once; a second user NIC cannot forward the same ports.
-            if not forwarded:
-                address = config.cvm.port_mapping.address
-                netdev += "".join("," + hostfwd(p, address) for p in spec.manifest.port_map)
-                forwarded = True
-        elif nic.mode == "bridge":
-            netdev = f"bridge,id={nic.netdev_id},br={_opt(nic.bridge)}"
-        else:
-            netdev = nic.netdev
+    for nic in spec.resolved_nics(config.cvm.networking):
         argv += [
-            "-netdev", netdev,
+            "-netdev", netdev_option(nic, config.cvm.port_mapping.address, spec.workdir),
             "-device", _virtio(f"virtio-net-pci,netdev={nic.netdev_id},mac={nic.mac}", snp),
         ]  # fmt: skip
     return argv
+
+
+def netdev_option(nic: ResolvedNic, default_address: str, workdir: Path) -> str:
+    """The ``-netdev`` value of one NIC (shared with the libvirt domain's injected NICs).
+
+    Each user NIC carries the hostfwd of the mappings placed on it (``ResolvedNic.ports``);
+    which NIC may carry which mapping was decided when the mapping was set.
+    """
+    if nic.mode == "user":
+        netdev = (
+            f"user,id={nic.netdev_id},net={nic.net},dhcpstart={nic.dhcp_start},"
+            f"restrict={'yes' if nic.restrict else 'no'}"
+        )
+        return netdev + "".join("," + hostfwd(p, default_address) for p in nic.ports)
+    if nic.mode == "passt":
+        # passt (started beside QEMU, vmm.net.passt) serves this socket and does the forwards.
+        path = _opt(passt_socket(workdir))
+        return f"stream,id={nic.netdev_id},server=off,addr.type=unix,addr.path={path}"
+    if nic.mode == "bridge":
+        # The daemon made the TAP and put it on the bridge (vmm.net.tap): no helper scripts.
+        return f"tap,id={nic.netdev_id},ifname={nic.tap},script=no,downscript=no"
+    return nic.netdev
 
 
 _SMBIOS_FIELDS: tuple[tuple[int, tuple[tuple[str, str], ...]], ...] = (

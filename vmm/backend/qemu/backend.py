@@ -13,6 +13,7 @@ The supervisor itself stays reachable for the Sv* RPCs, which are extras of this
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -23,10 +24,12 @@ from vmm.backend.base import BackendInfo, LaunchSpec
 from vmm.backend.qemu.argv import build_qemu_argv
 from vmm.backend.qemu.qmp import qmp_execute
 from vmm.core.config import Config
-from vmm.core.exceptions import Conflict, SupervisorError, Unavailable
+from vmm.core.exceptions import BackendError, Conflict, SupervisorError, Unavailable
 from vmm.host.capabilities import HostCapabilities
 from vmm.model.runtime import Runtime
 from vmm.model.workdir import Workdir
+from vmm.net import passt, tap
+from vmm.net.nics import ResolvedNic
 from vmm.supervisor.client import SupervisorClient, ensure_supervisor
 from vmm.supervisor.types import ProcessConfig, ProcessInfo
 
@@ -36,6 +39,8 @@ NAME = "qemu"
 # A QEMU that does not answer query-status within this is asked again at the next refresh; the
 # watcher must not wait the full QMP timeout per VM.
 QUERY_DEADLINE = 1.0
+
+PASST_START_TIMEOUT = 10.0
 
 
 async def open_backend(config: Config, host: HostCapabilities) -> QemuBackend:
@@ -89,6 +94,14 @@ class QemuBackend:
 
     async def launch(self, spec: LaunchSpec) -> Runtime | None:
         argv = build_qemu_argv(spec, self.config)
+        for nic in spec.resolved_nics(self.config.cvm.networking):
+            if nic.tap:
+                try:
+                    await tap.ensure_tap(nic.tap, nic.bridge)
+                except OSError as exc:
+                    raise BackendError(f"networks[{nic.index}]: cannot make its TAP: {exc}") from None
+            if nic.mode == "passt":
+                await self._start_passt(spec, nic)
         wd = Workdir(spec.workdir)
         await self.supervisor.deploy(ProcessConfig(
             id=spec.manifest.id, name=spec.manifest.name, command=argv[0], args=argv[1:], env={},
@@ -146,11 +159,48 @@ class QemuBackend:
     async def request_power_off(self, vm_id: str) -> None:
         await qmp_execute(self._qmp(vm_id), "system_powerdown")
 
+    async def _start_passt(self, spec: LaunchSpec, nic: ResolvedNic) -> None:
+        """Start passt as a second supervised process of the VM, owned like its QEMU.
+
+        dstack's id and note, so it outlives the daemon with the VM and is never taken for a
+        VM; QEMU starts once passt's socket is there.
+        """
+        binary = passt.passt_binary()
+        if not binary:
+            raise BackendError(f"networks[{nic.index}]: passt is not installed on this host")
+        wd = Workdir(spec.workdir)
+        await asyncio.to_thread(passt.prepare_dir, wd.path)
+        argv = passt.passt_argv(binary, wd.path, nic, runas=passt.daemon_user())
+        note = json.dumps({"kind": "passt", "live_for": spec.manifest.id})
+        await self.supervisor.deploy(ProcessConfig(
+            id=passt.process_id(spec.manifest.id), name=f"passt-{spec.manifest.name}",
+            command=argv[0], args=argv[1:], env={}, cwd=str(wd.path),
+            stdout=str(wd.path / "passt.stdout"), stderr=str(wd.path / "passt.stdout"),
+            pidfile=str(wd.path / "passt.pid"), note=note,
+        ))  # fmt: skip
+        sock = passt.socket_path(wd.path)
+        deadline = asyncio.get_running_loop().time() + PASST_START_TIMEOUT
+        while not await asyncio.to_thread(sock.exists):
+            if asyncio.get_running_loop().time() > deadline:
+                await self._stop_passt(spec.manifest.id)
+                raise BackendError(f"networks[{nic.index}]: passt did not open {sock.name} "
+                                   f"within {PASST_START_TIMEOUT:g}s (see passt.log)")  # fmt: skip
+            await asyncio.sleep(0.05)
+
+    async def _stop_passt(self, vm_id: str) -> None:
+        if await self.supervisor.info(passt.process_id(vm_id)) is not None:
+            await self.supervisor.stop(passt.process_id(vm_id))
+
     async def kill(self, vm_id: str) -> None:
         await self.supervisor.stop(vm_id)
+        await self._stop_passt(vm_id)
 
     async def forget(self, vm_id: str) -> None:
         await self.supervisor.remove(vm_id)
+        if await self.supervisor.info(passt.process_id(vm_id)) is not None:
+            await self._stop_passt(vm_id)
+            await self.supervisor.remove(passt.process_id(vm_id))
+        await tap.remove_taps_of(vm_id)
 
     async def close(self) -> None:
         await self.supervisor.aclose()

@@ -1,0 +1,197 @@
+"""Bridge mode end to end: a real guest, dnsmasq with scripts/dhcp-notify, forwards in a netns.
+
+The daemon (and so its supervisor, QEMU, the TAPs and the nft table) runs inside a namespace
+the test makes, with a bridge and dnsmasq; the test talks to the daemon over its Unix socket
+(a filesystem path, reachable from any namespace) and sends HTTP from inside the namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.net.netns import add_bridge, end, netns, ns_run
+from tests.support.daemon_proc import REPO_ROOT, DaemonProcess, start_daemon
+from tests.support.guest_image import ensure_guest_image
+from tests.support.short_dirs import short_dir
+from tests.support.vm_ops import qemu_pid_of, wait_for
+
+pytestmark = pytest.mark.qemu
+
+TOKEN = "bridge-test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+HOOK = REPO_ROOT / "scripts" / "dhcp-notify"
+COMPOSE = json.dumps({"manifest_version": 2, "name": "demo", "runner": "docker-compose"})
+BRIDGE_PORT, USER_PORT = 2080, 2081
+
+
+@dataclass
+class Net:
+    ns: str
+    workdir: Path
+    image_dir: Path
+    dnsmasq: subprocess.Popen[bytes]
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    image_dir = ensure_guest_image()
+    with short_dir("vmmb") as workdir, netns("vmmb") as ns:
+        add_bridge(ns, "br0", "10.88.0.1/24")
+        (workdir / "token").write_text(TOKEN + "\n")
+        env = {"PATH": os.environ["PATH"], "VMM_SOCKET": str(workdir / "vmm.sock"),
+               "VMM_TOKEN_FILE": str(workdir / "token")}  # fmt: skip
+        dnsmasq = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+             "--interface=br0", "--bind-interfaces", "--port=0", "--user=root",
+             "--dhcp-range=10.88.0.10,10.88.0.100,255.255.255.0,12h",
+             "--dhcp-option=option:router,10.88.0.1", f"--dhcp-script={HOOK}",
+             f"--dhcp-leasefile={workdir / 'leases'}", f"--pid-file={workdir / 'dnsmasq.pid'}",
+             "--log-dhcp", f"--log-facility={workdir / 'dnsmasq.log'}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            yield Net(ns, workdir, image_dir, dnsmasq)
+        finally:
+            end(dnsmasq)
+
+
+def start(net: Net, forward: str, extra: str = "") -> DaemonProcess:
+    config = extra + (
+        f'[auth]\nenabled = true\ntokens = ["{TOKEN}"]\n'
+        f'[image]\npath = "{net.image_dir.parent}"\n'
+        '[cvm]\naccel = "tcg"\nshutdown_timeout = 60\n'
+        f'[cvm.networking]\nbridge = "br0"\nforward = "{forward}"\n'
+        '[cvm.port_mapping]\nenabled = true\nrange = [{protocol = "tcp", from = 1024, to = 65535}]\n'
+    )
+    return start_daemon(net.workdir, addresses=["unix:./vmm.sock"], extra_config=config,
+                        wrap=["ip", "netns", "exec", net.ns])  # fmt: skip
+
+
+def rpc(daemon: DaemonProcess, method: str, body: dict[str, Any]) -> Any:
+    with daemon.unix_client(headers=AUTH) as client:
+        response = client.post(f"/prpc/{method}", json=body)
+    assert response.status_code == 200, response.text
+    return response.json() if response.content else None
+
+
+def nics(daemon: DaemonProcess, vm_id: str) -> list[dict[str, Any]]:
+    return list(rpc(daemon, "Status", {"ids": [vm_id], "brief": True})["vms"][0]["interfaces"])
+
+
+def guest_http(net: Net, port: int) -> dict[str, Any] | None:
+    """The guest service's answer through host port ``port``, asked from inside the netns."""
+    done = ns_run(net.ns, "curl", "-s", "-m", "5", f"http://127.0.0.1:{port}/", check=False)
+    try:
+        answer: dict[str, Any] = json.loads(done.stdout)
+    except ValueError:
+        return None
+    return answer if answer.get("service") == "vmm-guest" else None
+
+
+def listening(net: Net, port: int) -> bool:
+    """Whether something in the netns listens on TCP ``port`` (the user-space forwarder)."""
+    return bool(ns_run(net.ns, "ss", "-Hltn", f"sport = :{port}").stdout.strip())
+
+
+def nft_rules(net: Net) -> str:
+    return ns_run(net.ns, "nft", "list", "table", "ip", "vmm_forward", check=False).stdout
+
+
+def hook(net: Net, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], "VMM_SOCKET": str(net.workdir / "vmm.sock"),
+           "VMM_TOKEN": TOKEN}  # fmt: skip
+    return subprocess.run(["python3", str(HOOK), *args], env=env, capture_output=True, text=True,
+                          timeout=30, check=False)  # fmt: skip
+
+
+def boot_and_lease(net: Net, daemon: DaemonProcess, **fields: Any) -> tuple[str, str, str]:
+    """Create and boot a VM; wait until dnsmasq's hook reported its bridge NIC's lease."""
+    body = {"name": "br", "image": net.image_dir.name, "compose_file": COMPOSE, "vcpu": 1,
+            "memory": 512, "disk_size": 2} | fields  # fmt: skip
+    vm_id = str(rpc(daemon, "CreateVm", body)["id"])
+    bridge_nic = next(n for n in nics(daemon, vm_id) if n["mode"] == "bridge")
+    try:  # on failure, show what the guest and dnsmasq saw
+        ip = wait_for("the bridge NIC's lease",
+                      lambda: next(n for n in nics(daemon, vm_id) if n["mode"] == "bridge").get("ip"),
+                      timeout=180)  # fmt: skip
+    except TimeoutError:
+        serial = net.workdir / "state" / "vm" / vm_id / "serial.log"
+        print(serial.read_text(errors="replace")[-4000:])
+        print((net.workdir / "dnsmasq.log").read_text(errors="replace")[-3000:])
+        raise
+    return vm_id, bridge_nic["mac"], str(ip)
+
+
+def test_bridge_forward_through_nft_follows_leases_and_lifecycle(net: Net) -> None:
+    """user + bridge NICs, each mapped; the bridge forward is nft DNAT to the leased IP, gone at
+    stop, back at start, kept over a daemon restart, dropped by del; a removed VM's lease is
+    ignored."""
+    daemon = start(net, "nft")
+    try:
+        vm_id, mac, ip = boot_and_lease(net, daemon, networks=[{"mode": "bridge"}, {"mode": "user"}],
+                                        ports=[{"protocol": "tcp", "host_port": USER_PORT,
+                                                "vm_port": 8080, "nic": 1},
+                                               {"protocol": "tcp", "host_port": BRIDGE_PORT,
+                                                "vm_port": 8080, "nic": 0}])  # fmt: skip
+        assert ip.startswith("10.88.0.")
+        wait_for("the guest through the bridge forward", lambda: guest_http(net, BRIDGE_PORT),
+                 timeout=120)  # fmt: skip
+        rule = f"tcp dport {BRIDGE_PORT} dnat to {ip}:8080"
+        assert rule in nft_rules(net)
+        wait_for("the guest through the user NIC", lambda: guest_http(net, USER_PORT), timeout=60)
+
+        rpc(daemon, "StopVm", {"id": vm_id})
+        assert rule not in nft_rules(net)
+        rpc(daemon, "StartVm", {"id": vm_id})
+        assert rule in nft_rules(net)  # restored from the persisted lease at start
+
+        daemon.stop()
+        assert rule in nft_rules(net)  # the kernel keeps forwarding while the daemon is away
+        daemon = start(net, "nft")
+        assert rule in nft_rules(net)
+        assert nics(daemon, vm_id)[0]["ip"] == ip
+        wait_for("the guest after the restart", lambda: guest_http(net, BRIDGE_PORT), timeout=120)
+
+        assert hook(net, "del", mac, ip).returncode == 0
+        assert rule not in nft_rules(net)
+        assert guest_http(net, BRIDGE_PORT) is None
+
+        rpc(daemon, "RemoveVm", {"id": vm_id})
+        wait_for("the removal", lambda: not rpc(daemon, "Status", {"ids": [vm_id]}).get("vms"))
+        assert hook(net, "add", mac, ip).returncode == 0
+        assert f"{mac} -> {ip} ignored: no VM has this MAC" in daemon.log()
+        assert "dnat" not in nft_rules(net)
+    finally:
+        daemon.destroy()
+
+
+def test_bridge_forward_in_user_space(net: Net) -> None:
+    """With forward = userspace the mapped port reaches the guest with no nft table at all; the
+    listener goes when QEMU dies by itself (seen by the watcher, no RPC involved)."""
+    daemon = start(net, "userspace", extra="[cvm.auto_restart]\nenabled = false\n")
+    try:
+        vm_id, _mac, _ip = boot_and_lease(net, daemon, networks=[{"mode": "bridge"}],
+                                          ports=[{"protocol": "tcp", "host_port": BRIDGE_PORT,
+                                                  "vm_port": 8080}])  # fmt: skip
+        wait_for("the guest through the user-space forward",
+                 lambda: guest_http(net, BRIDGE_PORT), timeout=120)  # fmt: skip
+        assert nft_rules(net) == ""
+        assert listening(net, BRIDGE_PORT)
+        pid = qemu_pid_of(net.workdir / "state" / "vm" / vm_id)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for("the listener to go with the VM", lambda: not listening(net, BRIDGE_PORT),
+                 timeout=120)  # fmt: skip
+        assert rpc(daemon, "Status", {"ids": [vm_id]})["vms"][0]["status"] == "exited"
+    finally:
+        daemon.destroy()
+    assert not any(Path("/sys/class/net").glob("vt*n*"))  # no TAP reached the root namespace
