@@ -21,6 +21,7 @@ from vmm.core.names import VM_ID, check_name
 from vmm.core.version import __version__, git_revision
 from vmm.host import gpus
 from vmm.model import compose, images
+from vmm.prpc import codec
 from vmm.prpc.bridge import CallContext
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.supervisor.client import SupervisorClient
@@ -180,8 +181,8 @@ class VmmServicer:
         await self.daemon.manager.remove(_vm_id(request))
         return Empty()
 
-    async def Status(self, request: pb.StatusRequest, ctx: CallContext) -> pb.StatusResponse:
-        return self.daemon.manager.status(request)
+    async def Status(self, request: pb.StatusRequest, ctx: CallContext) -> codec.Encoded:
+        return self.daemon.manager.status_encoded(request)
 
     async def GetInfo(self, request: pb.Id, ctx: CallContext) -> pb.GetInfoResponse:
         vm = self.daemon.manager.vms.get(_vm_id(request))

@@ -7,6 +7,10 @@ built). A servicer method has the signature ``async def Method(self, request, ct
 Encoding follows dstack's pRPC rules: JSON when the request is a GET, has ``?json`` (empty,
 ``true`` or ``1``), or has a JSON content type; otherwise protobuf binary. The answer uses the
 request's encoding, and so do errors: ``{"error", "message", "code"}`` or ``prpc.PrpcError``.
+
+With a ``read_gate`` (``fairness.ReadGate``), the methods it names as reads take turns on the
+event loop under load, so mutating calls are never starved behind them. A handler may return a
+``codec.Encoded`` reply, sent as is in the caller's encoding.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from vmm.core.exceptions import (
 )
 from vmm.prpc import codec
 from vmm.prpc.body_budget import BodyBudget, BodyClaim
+from vmm.prpc.fairness import ReadGate
 from vmm.rpc import prpc_pb2
 
 log = logging.getLogger(__name__)
@@ -80,8 +85,10 @@ class PrpcBridge:
         max_body: int,
         strip_prefixes: tuple[str, ...] = (),
         body_budget: BodyBudget | None = None,
+        read_gate: ReadGate | None = None,
     ) -> None:
         self.service = service
+        self.read_gate = read_gate
         self.max_body = max_body
         self.body_budget = body_budget
         self.strip_prefixes = strip_prefixes
@@ -153,7 +160,13 @@ class PrpcBridge:
                 message = codec.from_json_bytes(body, method.input_class)
             else:
                 message = codec.from_protobuf_bytes(body, method.input_class)
+            if self.read_gate is not None and self.read_gate.is_read(method.name):
+                await self.read_gate.admit()  # reads queue under load; other calls never do
             result = await method.handler(message, ctx)
+            if isinstance(result, codec.Encoded) and result.message_class is method.output_class:
+                if use_json:
+                    return 200, JSON_TYPE, result.json()
+                return 200, PROTOBUF_TYPE, result.protobuf()
             if not isinstance(result, method.output_class):
                 raise TypeError(
                     f"{method.name} returned {type(result).__name__}, "
