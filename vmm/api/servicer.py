@@ -64,11 +64,13 @@ class VmmServicer:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.config = daemon.config
+        self._version = codec.Encoded.constant(
+            pb.VersionResponse(version=__version__, rev=git_revision()))
 
     # -- RPCs that need no VM --------------------------------------------------------------
 
-    async def Version(self, request: Empty, ctx: CallContext) -> pb.VersionResponse:
-        return pb.VersionResponse(version=__version__, rev=git_revision())
+    async def Version(self, request: Empty, ctx: CallContext) -> codec.Encoded:
+        return self._version
 
     async def GetMeta(self, request: Empty, ctx: CallContext) -> pb.GetMetaResponse:
         cvm = self.config.cvm

@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -140,13 +140,10 @@ class PrpcBridge:
             )
         return Response(payload, status_code=status, media_type=media_type)
 
-    @contextlib.asynccontextmanager
-    async def _claim(self) -> AsyncIterator[BodyClaim | None]:
+    def _claim(self) -> contextlib.AbstractAsyncContextManager[BodyClaim | None]:
         if self.body_budget is None:
-            yield None
-        else:
-            async with self.body_budget.claim() as claim:
-                yield claim
+            return contextlib.nullcontext()
+        return self.body_budget.claim()
 
     async def dispatch(
         self, name: str, body: bytes, *, use_json: bool, ctx: CallContext, query: str | None = None
@@ -197,7 +194,10 @@ def _short_path(filename: object) -> str:
 def wants_json(request: Request) -> bool:
     if request.method == "GET":
         return True
-    if "json" in request.query_params and request.query_params["json"] in ("", "true", "1"):
+    raw_query: bytes = request.scope.get("query_string", b"")
+    # Parsing the query costs more than the rest of a small call: only when it may say json.
+    if (b"json" in raw_query or b"%" in raw_query) and \
+            request.query_params.get("json", None) in ("", "true", "1"):
         return True
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     return content_type in (JSON_TYPE, "text/json") or content_type.endswith("+json")
@@ -216,19 +216,25 @@ async def read_body(request: Request, limit: int, claim: BodyClaim | None = None
             await claim.cover(int(declared))
     chunks: list[bytes] = []
     size = 0
-    try:
-        async for chunk in request.stream():
+    # ASGI messages read directly: Request.stream() is an async generator, which costs more
+    # than the rest of reading a small body.
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            # The server closed a body that took too long, or the client left: nobody will
+            # read an answer, and this is no bug to log with a traceback.
+            raise BadRequest("request body incomplete: the client left or was too slow")
+        chunk: bytes = message.get("body", b"")
+        if chunk:
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"payload too large: more than {limit} bytes")
             if claim is not None:
                 await claim.cover(size)
             chunks.append(chunk)
-    except ClientDisconnect:
-        # The server closed a body that took too long, or the client left: nobody will read an
-        # answer, and this is no bug to log with a traceback.
-        raise BadRequest("request body incomplete: the client left or was too slow") from None
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def call_context(request: Request) -> CallContext:

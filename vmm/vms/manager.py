@@ -48,10 +48,10 @@ from vmm.host.capabilities import HostCapabilities
 from vmm.model.cid_pool import CidPool
 from vmm.model.compose import compose_hash
 from vmm.model.images import Image
-from vmm.model.manifest import DesiredState, ManifestError, PortMap
+from vmm.model.manifest import DesiredState, Manifest, ManifestError, PortMap
 from vmm.model.runtime import Runtime
 from vmm.model.vm import Vm
-from vmm.model.workdir import Workdir, create_workdir, shown_path
+from vmm.model.workdir import SharedFiles, Workdir, create_workdir, shown_path
 from vmm.prpc import codec
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vms import boot, limits, log_rotation, reconcile
@@ -116,14 +116,14 @@ class Manager:
             self.check_capacity(manifest.vcpu, manifest.memory)
             cid = self.cids.allocate(manifest.id)
             try:
-                workdir = await asyncio.to_thread(
-                    create_workdir, self.run_path, manifest, shared, not request.stopped
+                workdir, stamp = await asyncio.to_thread(
+                    _create_stamped, self.run_path, manifest, shared, not request.stopped
                 )
             except BaseException:
                 self.cids.release(cid)
                 raise
             vm = Vm(workdir=workdir, manifest=manifest, shared=shared, started=False, cid=cid,
-                    image_version=image.version, events=self._event_ring())
+                    image_version=image.version, events=self._event_ring(), disk_stamp=stamp)
             self.vms[manifest.id] = vm
         vm.add_event("vmm.created", f"image {image.name}, {manifest.vcpu} vCPU, {manifest.memory} MB")
         log.info("created VM %s (%s)", manifest.id, manifest.name)
@@ -415,6 +415,7 @@ class Manager:
             log.warning("leaving %s untouched: not a VM id", workdir.path)
             return None
         try:
+            stamp = reconcile.stamp(workdir)  # before reading: see reconcile
             manifest = workdir.read_manifest()
             desired = workdir.read_desired()
             shared = workdir.read_shared()
@@ -444,7 +445,7 @@ class Manager:
             known[manifest.image] = image_version
         vm = Vm(workdir=workdir, manifest=manifest, shared=shared, started=desired.started,
                 cid=cid, image_version=image_version, removing=workdir.is_removing,
-                runtime=runtime, events=self._event_ring())
+                runtime=runtime, events=self._event_ring(), disk_stamp=stamp)
         if vm.running:
             vm.boot_progress = "running"
             vm.add_event("vmm.adopted", f"pid {runtime.pid if runtime else '?'}")
@@ -496,3 +497,10 @@ class Manager:
                 vm.add_event("vmm.exited",
                              f"QEMU {vm.runtime.status} ({vm.runtime.how_it_ended()})")
                 await self.channels.close(vm)
+
+
+def _create_stamped(run_path: Path, manifest: Manifest, shared: SharedFiles,
+                    started: bool) -> tuple[Workdir, tuple[object, ...] | None]:
+    """A new work directory and the stamp of the files just written (what memory holds)."""
+    workdir = create_workdir(run_path, manifest, shared, started)
+    return workdir, reconcile.stamp(workdir)

@@ -162,12 +162,12 @@ async def _reread_known(manager: Registry) -> int:
     updated = 0
     try:
         found = await asyncio.to_thread(_read_changed, [(vm.workdir, vm.disk_stamp) for vm in idle])
-        for vm, (stamp, on_disk) in zip(idle, found, strict=True):
-            if stamp is not None and stamp == vm.disk_stamp:
+        for vm, (now, on_disk) in zip(idle, found, strict=True):
+            if now is not None and now == vm.disk_stamp:
                 continue
             updated += _swap(manager, vm, on_disk)
             if isinstance(on_disk, tuple) and on_disk[0].id == vm.id:
-                vm.disk_stamp = stamp  # memory now matches these files
+                vm.disk_stamp = now  # memory now matches these files
     finally:
         for vm in idle:
             vm.lock.release()
@@ -186,31 +186,33 @@ def _read_changed(
     """Each directory's stamp, and its files if the stamp differs from the known one."""
     found: list[tuple[_Stamp | None, _OnDisk | Exception | None]] = []
     for wd, known_stamp in known:
-        stamp = _stamp(str(wd.path))
-        if stamp is not None and stamp == known_stamp:
-            found.append((stamp, None))
+        now = stamp(wd)
+        if now is not None and now == known_stamp:
+            found.append((now, None))
         else:
-            found.append((stamp, _read_many([wd])[0]))
+            found.append((now, _read_many([wd])[0]))
     return found
 
 
-def _stamp(directory: str) -> _Stamp | None:
+def stamp(workdir: Workdir) -> _Stamp | None:
     """(inode, size, mtime, ctime) of each configuration file, None for an absent one.
 
-    None for the whole stamp if the directory cannot be read.
+    None for the whole stamp if the directory cannot be read. Taken before the files are read,
+    so that a write racing the read shows as a change next time.
     """
-    stamp: list[object] = []
+    directory = str(workdir.path)
+    found: list[object] = []
     for name in _STAMPED:
         try:
             # os.stat on a str: a Path per file costs more than the stat, 6,000 times a reload.
             st = os.stat(f"{directory}/{name}")  # noqa: PTH116
         except FileNotFoundError:
-            stamp.append(None)
+            found.append(None)
         except OSError:
             return None
         else:
-            stamp.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(stamp)
+            found.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(found)
 
 
 def _read_many(workdirs: list[Workdir]) -> list[_OnDisk | Exception | None]:
