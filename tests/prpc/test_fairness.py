@@ -49,6 +49,38 @@ def test_at_most_per_turn_reads_start_in_one_turn_in_arrival_order() -> None:
     assert len(per_turn) == 7  # ceil(20 / 3)
 
 
+def test_reads_get_a_smaller_share_while_a_write_runs() -> None:
+    """With a write in flight, 2 reads start per turn instead of 16; the write never waits."""
+    async def scenario() -> tuple[dict[int, int], list[str]]:
+        gate = ReadGate(frozenset({"Status"}), per_turn=16, per_turn_writing=2)
+        turns = Turns()
+        asyncio.get_running_loop().call_soon(turns.tick)
+        release = asyncio.Event()
+        order: list[str] = []
+        per_turn: dict[int, int] = {}
+
+        async def write() -> None:
+            order.append("write started")
+            await release.wait()
+
+        async def read() -> None:
+            per_turn[turns.now] = per_turn.get(turns.now, 0) + 1
+
+        writer = asyncio.create_task(gate.run("CreateVm", write()))
+        await asyncio.sleep(0)
+        assert gate.writing == 1
+        await asyncio.gather(*(gate.run("Status", read()) for _ in range(10)))
+        release.set()
+        await writer
+        turns.running = False
+        assert gate.writing == 0
+        return per_turn, order
+
+    per_turn, order = asyncio.run(scenario())
+    assert order == ["write started"]
+    assert max(per_turn.values()) == 2 and sum(per_turn.values()) == 10
+
+
 def test_a_cancelled_waiting_read_does_not_stall_the_queue() -> None:
     """A read whose client left while it waited is skipped; those behind it still start."""
     async def scenario() -> list[int]:

@@ -19,7 +19,7 @@ from vmm.api.servicer import VmmServicer
 from vmm.daemon import Daemon
 from vmm.prpc.body_budget import BodyBudget
 from vmm.prpc.bridge import PrpcBridge, error_payload
-from vmm.prpc.fairness import ReadGate
+from vmm.prpc.fairness import ReadGate, favour_worker_threads
 from vmm.rpc import guest_api_pb2, vmm_rpc_pb2
 
 # Vmm methods that only report: under load they take turns (``ReadGate``) so that every other
@@ -52,6 +52,7 @@ def build_app(daemon: Daemon) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        favour_worker_threads()
         await daemon.start()
         try:
             yield

@@ -157,9 +157,10 @@ class PrpcBridge:
                 message = codec.from_json_bytes(body, method.input_class)
             else:
                 message = codec.from_protobuf_bytes(body, method.input_class)
-            if self.read_gate is not None and self.read_gate.is_read(method.name):
-                await self.read_gate.admit()  # reads queue under load; other calls never do
-            result = await method.handler(message, ctx)
+            if self.read_gate is None:
+                result = await method.handler(message, ctx)
+            else:  # reads queue under load; other calls never do
+                result = await self.read_gate.run(method.name, method.handler(message, ctx))
             if isinstance(result, codec.Encoded) and result.message_class is method.output_class:
                 if use_json:
                     return 200, JSON_TYPE, result.json()

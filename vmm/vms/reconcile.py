@@ -322,7 +322,7 @@ def update_left(directory: str) -> bool:
     """
     for path in (directory, f"{directory}/shared"):
         try:
-            names = os.listdir(path)
+            names = os.listdir(path)  # noqa: PTH208 - names only, no Path per entry
         except FileNotFoundError:
             continue
         if JOURNAL in names or any(n.startswith(".") and n.endswith(".update") for n in names):
