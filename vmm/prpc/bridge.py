@@ -241,7 +241,8 @@ async def read_body(request: Request, limit: int, claim: BodyClaim | None = None
 def call_context(request: Request) -> CallContext:
     client = request.client
     return CallContext(
-        request_id=getattr(request.state, "request_id", ""),
+        # The scope's state dict, as Request.state wraps it, without building the wrapper.
+        request_id=request.scope.get("state", {}).get("request_id", ""),
         client=f"{client.host}:{client.port}" if client else "unix",
         headers=request.headers,
     )
