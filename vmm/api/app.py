@@ -27,7 +27,16 @@ from vmm.api.servicer import VmmServicer
 from vmm.daemon import Daemon
 from vmm.prpc.body_budget import BodyBudget
 from vmm.prpc.bridge import PrpcBridge, error_payload
+from vmm.prpc.fairness import ReadGate, favour_worker_threads
 from vmm.rpc import guest_api_pb2, vmm_rpc_pb2
+
+# Vmm methods that only report: under load they take turns (``ReadGate``) so that every other
+# call, which changes something, gets the loop at once. A method missing here is never delayed.
+READ_METHODS = frozenset({
+    "Status", "GetInfo", "Version", "GetMeta", "ListImages", "ListGpus", "SvList",
+    "GetComposeHash", "GetAppEnvEncryptPubKey", "ListRegistryImages",
+})
+
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +81,7 @@ def build_app(daemon: Daemon) -> Starlette:
         max_body=config.max_request_body,
         strip_prefixes=("Teepod.",),
         body_budget=body_budget,
+        read_gate=ReadGate(READ_METHODS),
     )
 
     guest_bridge = PrpcBridge(
@@ -87,6 +97,7 @@ def build_app(daemon: Daemon) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        favour_worker_threads()
         await daemon.start()
         try:
             metrics.attach(daemon)

@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 from vmm.api.auth import Authenticator
 from vmm.core.config import parse_address
 from vmm.core.exceptions import OUT_OF_SPACE, ConfigError, StorageError, Unauthorized, VmmError
+from vmm.prpc import codec
 from vmm.prpc.bridge import CallContext, PrpcBridge
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class GrpcListener:
                 try:
                     await self._authorize(metadata)
                     result = await method.handler(request, ctx)
+                    if isinstance(result, codec.Encoded):  # Status and Version, pre-encoded
+                        result = result.message_class.FromString(result.protobuf())
                 except OSError as exc:
                     if exc.errno not in OUT_OF_SPACE:
                         raise

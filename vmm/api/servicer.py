@@ -23,6 +23,7 @@ from vmm.core.version import __version__, git_revision
 from vmm.host import gpus
 from vmm.model import compose, images
 from vmm.net import leases, nics, passt
+from vmm.prpc import codec
 from vmm.prpc.bridge import CallContext
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.supervisor.client import SupervisorClient
@@ -65,11 +66,13 @@ class VmmServicer:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.config = daemon.config
+        self._version = codec.Encoded.constant(
+            pb.VersionResponse(version=__version__, rev=git_revision()))
 
     # -- RPCs that need no VM --------------------------------------------------------------
 
-    async def Version(self, request: Empty, ctx: CallContext) -> pb.VersionResponse:
-        return pb.VersionResponse(version=__version__, rev=git_revision())
+    async def Version(self, request: Empty, ctx: CallContext) -> codec.Encoded:
+        return self._version
 
     async def GetMeta(self, request: Empty, ctx: CallContext) -> pb.GetMetaResponse:
         cvm = self.config.cvm
@@ -198,8 +201,8 @@ class VmmServicer:
         await self.daemon.manager.remove(_vm_id(request))
         return Empty()
 
-    async def Status(self, request: pb.StatusRequest, ctx: CallContext) -> pb.StatusResponse:
-        return self.daemon.manager.status(request)
+    async def Status(self, request: pb.StatusRequest, ctx: CallContext) -> codec.Encoded:
+        return self.daemon.manager.status_encoded(request)
 
     async def GetInfo(self, request: pb.Id, ctx: CallContext) -> pb.GetInfoResponse:
         vm = self.daemon.manager.vms.get(_vm_id(request))

@@ -9,6 +9,7 @@ holds no channels and no processes: the guest hub and the backend keep those, by
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -21,6 +22,31 @@ from vmm.model.workdir import SharedFiles, Workdir
 from vmm.rpc import vmm_rpc_pb2 as pb
 
 VmStatus = Literal["running", "paused", "exited", "stopping", "stopped", "removing"]
+
+
+class _Versions:
+    """One counter for all VMs, so a version is never reused.
+
+    Not even by a VM re-created under the same id; ``last`` tells whether any VM changed at all.
+    """
+
+    last = 0
+
+    @classmethod
+    def next(cls) -> int:
+        cls.last += 1
+        return cls.last
+
+
+def last_version() -> int:
+    """The newest version any VM took: unchanged means no VM changed (nor was created)."""
+    return _Versions.last
+
+
+# Fields whose change does not change what the VM reports (``info``): setting them keeps the
+# version, so a cached encoding of the VM stays valid.
+_UNREPORTED = frozenset({"version", "lock", "background", "disk_stamp", "on_event", "launched_at"})
+_UNSET = object()
 
 
 @dataclass
@@ -45,6 +71,24 @@ class Vm:
     # in by the manager so this layer needs no import of it.
     on_event: Callable[[Vm, pb.GuestEvent], None] | None = None
     launched_at: float | None = None  # monotonic time of this boot's launch, until boot is done
+    # Bumped by every assignment to a reported field and by ``add_event``, whoever makes it
+    # (an RPC, the watcher, a guest notification, a reload): caches of the VM's encoded
+    # ``VmInfo`` compare it, so no writer can forget to invalidate them.
+    version: int = field(default=0, compare=False)
+    # What the VM's files looked like (stat) when last read by a reload: an equal stamp means
+    # nothing to re-read (see ``vms.reconcile``). None: never stamped, read them.
+    disk_stamp: tuple[object, ...] | None = field(default=None, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _UNREPORTED:
+            object.__setattr__(self, name, value)
+            return
+        old = self.__dict__.get(name, _UNSET)
+        object.__setattr__(self, name, value)
+        # The watcher assigns every VM's runtime each second, mostly an equal one: that keeps
+        # the version (and the caches), as any assignment that changes nothing does.
+        if old is not value and not (type(old) is type(value) and old == value):
+            object.__setattr__(self, "version", _Versions.next())
 
     @property
     def id(self) -> str:
@@ -72,6 +116,7 @@ class Vm:
     def add_event(self, event: str, body: str = "") -> None:
         item = pb.GuestEvent(event=event, body=body, timestamp=int(time.time() * 1000))
         self.events.append(item)
+        self.version = _Versions.next()
         if self.on_event is not None:
             self.on_event(self, item)
 
@@ -82,15 +127,33 @@ class Vm:
         task.add_done_callback(self.background.discard)
         return task
 
-    def info(self, *, brief: bool, guest_channel: str = "", now: float | None = None) -> pb.VmInfo:
-        now = time.time() if now is None else now
+    def clock(self, now: float) -> tuple[str, str]:
+        """(uptime, exited_at) as reported at ``now``: the only parts of ``info`` that age."""
         state = self.runtime
+        if state is None:
+            return "", ""
+        running = state.running
+        uptime = humantime(now - state.started_at) if state.started_at and running else ""
+        exited = humantime(now - state.stopped_at) if state.stopped_at and not running else ""
+        return uptime, exited
+
+    def clock_valid_until(self, now: float) -> float:
+        """When ``clock`` next changes (its strings count whole seconds); inf if never."""
+        state = self.runtime
+        if state is None:
+            return math.inf
+        since = state.started_at if state.running else state.stopped_at
+        if not since:
+            return math.inf
+        return since + max(math.floor(now - since), 0) + 1
+
+    def info(self, *, brief: bool, guest_channel: str = "", now: float | None = None) -> pb.VmInfo:
+        uptime, exited = self.clock(time.time() if now is None else now)
         info = pb.VmInfo(
             id=self.id,
             name=self.manifest.name,
             status=self.status,
-            uptime=humantime(now - state.started_at) if state and state.started_at and
-            self.running else "",
+            uptime=uptime,
             app_id=self.manifest.app_id,
             boot_progress=self.boot_progress,
             boot_error=self.boot_error,
@@ -99,8 +162,8 @@ class Vm:
             events=list(self.events),
             guest_channel=guest_channel,
         )
-        if state and state.stopped_at and not self.running:
-            info.exited_at = humantime(now - state.stopped_at)
+        if exited:
+            info.exited_at = exited
         if self.instance_id:
             info.instance_id = self.instance_id
         if self.app_url:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 from vmm.core.exceptions import PayloadTooLarge, Unavailable
 
@@ -25,14 +24,13 @@ class BodyBudget:
         self.in_use = 0
         self._waiters: list[asyncio.Future[None]] = []
 
-    @contextlib.asynccontextmanager
-    async def claim(self) -> AsyncIterator[BodyClaim]:
-        """A claim that grows with :meth:`BodyClaim.cover` and is returned whole on exit."""
-        claim = BodyClaim(self)
-        try:
-            yield claim
-        finally:
-            self.release(claim.held)
+    def claim(self) -> BodyClaim:
+        """A claim that grows with :meth:`BodyClaim.cover` and is returned whole on exit.
+
+        Used as ``async with budget.claim() as claim``: a plain class, not a generator-based
+        context manager, since every request takes one.
+        """
+        return BodyClaim(self)
 
     async def acquire(self, size: int) -> None:
         if size > self.capacity:
@@ -74,6 +72,13 @@ class BodyClaim:
 
     def __init__(self, budget: BodyBudget) -> None:
         self._budget = budget
+        self.held = 0
+
+    async def __aenter__(self) -> BodyClaim:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._budget.release(self.held)
         self.held = 0
 
     async def cover(self, size: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qsl
@@ -64,6 +65,40 @@ def to_json_value(message: Message) -> Any:
 def to_json_bytes(message: Message) -> bytes:
     """Encode a message as compact JSON bytes, as dstack answers a successful call."""
     return json.dumps(to_json_value(message), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A reply that arrives already encoded, in both encodings, for the bridge to send as is.
+
+    For large replies assembled from parts encoded earlier (Status: one cached part per VM).
+    ``json`` and ``protobuf`` are called only for the encoding the caller asked for. They must
+    produce exactly what ``to_json_bytes`` / ``SerializeToString`` would for a ``message_class``
+    message, up to the order of repeated items' bytes which protobuf allows.
+    """
+
+    message_class: type[Message]
+    json: Callable[[], bytes]
+    protobuf: Callable[[], bytes]
+
+    @classmethod
+    def constant(cls, message: Message) -> Encoded:
+        """A reply that never changes (Version), encoded once in both encodings."""
+        as_json, as_protobuf = to_json_bytes(message), message.SerializeToString()
+        return cls(type(message), lambda: as_json, lambda: as_protobuf)
+
+
+def to_json_with_items(envelope: Message, field: str, items: list[bytes]) -> bytes:
+    """``envelope`` as JSON with repeated ``field`` set to ``items`` (each one item's JSON).
+
+    The envelope is encoded with the field at ``null``, then the first ``"field":null`` (the
+    key: a string value cannot hold an unescaped quote) is replaced by the list.
+    """
+    out = to_json_value(envelope)
+    out[field] = None
+    text = json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+    marker = b'"' + field.encode() + b'":null'
+    return text.replace(marker, marker[:-4] + b"[" + b",".join(items) + b"]", 1)
 
 
 # How a field's value becomes JSON: as is, a nested message, hex bytes, or a float that may be NaN.
@@ -145,7 +180,7 @@ def _convert(kind: int, value: Any) -> Any:
 
 def from_json_bytes(body: bytes, message_class: type[Message]) -> Message:
     """Decode a JSON request body. An empty body or ``null`` is the default message."""
-    if not body.strip():
+    if body == b"{}" or not body.strip():  # the usual body of a call without arguments
         return message_class()
     try:
         value = _loads(body)

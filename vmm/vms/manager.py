@@ -49,18 +49,20 @@ from vmm.host.capabilities import HostCapabilities
 from vmm.model.cid_pool import CidPool
 from vmm.model.compose import compose_hash
 from vmm.model.images import Image
-from vmm.model.manifest import DesiredState, ManifestError, PortMap
+from vmm.model.manifest import DesiredState, Manifest, ManifestError, PortMap
 from vmm.model.runtime import Runtime
 from vmm.model.vm import Vm
-from vmm.model.workdir import Workdir, create_workdir, shown_path
+from vmm.model.workdir import SharedFiles, Workdir, create_workdir, shown_path
 from vmm.net.forwards import Forwards
 from vmm.net.leases import LeaseBook, nic_of_mac
 from vmm.net.nics import interface_statuses, resolve_networks
+from vmm.prpc import codec
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vms import boot, limits, log_rotation, reconcile
 from vmm.vms.auto_restart import AutoRestart
 from vmm.vms.events import EventBus
 from vmm.vms.request import build_vm, describe_port, find_image, ports_clash
+from vmm.vms.status_cache import StatusCache
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +91,15 @@ class Manager:
         self.auto_restart = AutoRestart(config.cvm.auto_restart, vms=self.vms.values,
                                         start=self.start)
         self.log_rotation = log_rotation.LogRotation(config.cvm.log, self.vms.values)
+        self.status_cache = StatusCache(
+            self.vms, lambda vm, brief, _channel, now: self.vm_info(vm, brief=brief, now=now))
         self.channels = ChannelHub(config, host, lookup=self.vms.get, cid_owner=self.cids.owner,
                                    set_desired=self.set_desired)
         # Bridge NICs' forwards follow leases and the lifecycle: each change recomputes them.
         self.forwards = Forwards(config.cvm.networking, self.vms.values, self._leased_ips)
         self.leases = LeaseBook(
             lambda mac: nic_of_mac(self.vms.values(), config.cvm.networking, mac),
-            on_change=lambda _vm, _nic, _ip: self.forwards.refresh(),
+            on_change=self._lease_changed,
         )
 
     # -- lookup -------------------------------------------------------------------------------
@@ -126,15 +130,15 @@ class Manager:
             self.check_capacity(manifest.vcpu, manifest.memory)
             cid = self.cids.allocate(manifest.id)
             try:
-                workdir = await asyncio.to_thread(
-                    create_workdir, self.run_path, manifest, shared, not request.stopped
+                workdir, stamp = await asyncio.to_thread(
+                    _create_stamped, self.run_path, manifest, shared, not request.stopped
                 )
             except BaseException:
                 self.cids.release(cid)
                 raise
             vm = Vm(workdir=workdir, manifest=manifest, shared=shared, started=False, cid=cid,
                     image_version=image.version, events=self._event_ring(),
-                    on_event=self._publish)
+                    on_event=self._publish, disk_stamp=stamp)
             self.vms[manifest.id] = vm
         vm.add_event("vmm.created", f"image {image.name}, {manifest.vcpu} vCPU, {manifest.memory} MB")
         log.info("created VM %s (%s)", manifest.id, manifest.name)
@@ -421,6 +425,21 @@ class Manager:
     # -- report -------------------------------------------------------------------------------
 
     def status(self, request: pb.StatusRequest) -> pb.StatusResponse:
+        vms, total = self.select(request)
+        return pb.StatusResponse(
+            vms=[self.vm_info(vm, brief=request.brief) for vm in vms],
+            port_mapping_enabled=self.config.cvm.port_mapping.enabled,
+            total=total,
+        )
+
+    def status_encoded(self, request: pb.StatusRequest) -> codec.Encoded:
+        """Status as ``status`` answers it, from the per-VM cache of encodings (the RPC's path)."""
+        return self.status_cache.response(
+            request, self.select, guest_channel=self.host.channel,
+            port_mapping_enabled=self.config.cvm.port_mapping.enabled)
+
+    def select(self, request: pb.StatusRequest) -> tuple[list[Vm], int]:
+        """The VMs a Status request asks for, in order and paged, and how many matched."""
         wanted = set(request.ids)
         vms = [vm for vm in self.vms.values() if not wanted or vm.id in wanted]
         if request.keyword:
@@ -433,15 +452,11 @@ class Manager:
             # Pages count from 1 as in dstack's UI; page 0 is also the first page.
             first = (max(request.page, 1) - 1) * request.page_size
             vms = vms[first : first + request.page_size]
-        return pb.StatusResponse(
-            vms=[self.vm_info(vm, brief=request.brief) for vm in vms],
-            port_mapping_enabled=self.config.cvm.port_mapping.enabled,
-            total=total,
-        )
+        return vms, total
 
-    def vm_info(self, vm: Vm, *, brief: bool) -> pb.VmInfo:
+    def vm_info(self, vm: Vm, *, brief: bool, now: float | None = None) -> pb.VmInfo:
         """Status/GetInfo's view of one VM, with every NIC (brief or not) and its leased IP."""
-        info = vm.info(brief=brief, guest_channel=self.host.channel)
+        info = vm.info(brief=brief, guest_channel=self.host.channel, now=now)
         try:
             resolved = resolve_networks(vm.manifest, self.config.cvm.networking)
         except ValueError as exc:  # config changed under the VM (e.g. the default bridge gone)
@@ -458,15 +473,28 @@ class Manager:
         await self.forwards.open()
         await self.forwards.refresh()  # restores adopted VMs' forwards, drops those of gone VMs
 
+    async def _lease_changed(self, vm_id: str, nic: int, ip: str | None) -> None:
+        """A NIC's lease moved: say so on the VM (its version, so Status, follows) and re-forward."""
+        vm = self.vms.get(vm_id)
+        if vm is not None:
+            vm.add_event("vmm.dhcp_lease", f"NIC {nic}: {ip or 'released'}")
+        await self.forwards.refresh()
+
     def _leased_ips(self, vm_id: str) -> dict[int, str]:
         return self.leases.ips(vm_id)
 
-    def adopt(self, workdir: Workdir, runtime: Runtime | None) -> Vm | None:
-        """Load one work directory into the registry, with its QEMU if the backend runs it."""
+    def adopt(self, workdir: Workdir, runtime: Runtime | None,
+              image_versions: dict[str, str] | None = None) -> Vm | None:
+        """Load one work directory into the registry, with its QEMU if the backend runs it.
+
+        ``image_versions`` memoises image name -> version over one reconciliation, so loading
+        1,000 VMs of one image reads its metadata once.
+        """
         if not is_valid_name(workdir.id, VM_ID):
             log.warning("leaving %s untouched: not a VM id", workdir.path)
             return None
         try:
+            stamp = reconcile.stamp(workdir)  # before reading: see reconcile
             manifest = workdir.read_manifest()
             desired = workdir.read_desired()
             shared = workdir.read_shared()
@@ -486,13 +514,18 @@ class Manager:
                             manifest.id, runtime.cid)
         if cid is None:
             cid = self.cids.allocate(manifest.id)
-        try:
-            image_version = find_image(self.config, manifest.image).version
-        except InvalidField:
-            image_version = ""
+        known = image_versions if image_versions is not None else {}
+        image_version = known.get(manifest.image)
+        if image_version is None:
+            try:
+                image_version = find_image(self.config, manifest.image).version
+            except InvalidField:
+                image_version = ""
+            known[manifest.image] = image_version
         vm = Vm(workdir=workdir, manifest=manifest, shared=shared, started=desired.started,
                 cid=cid, image_version=image_version, removing=workdir.is_removing,
-                runtime=runtime, events=self._event_ring(), on_event=self._publish)
+                runtime=runtime, events=self._event_ring(), on_event=self._publish,
+                disk_stamp=stamp)
         if vm.running:
             vm.boot_progress = "running"
             vm.add_event("vmm.adopted", f"pid {runtime.pid if runtime else '?'}")
@@ -554,3 +587,10 @@ class Manager:
                 vm.add_event("vmm.exited",
                              f"QEMU {vm.runtime.status} ({vm.runtime.how_it_ended()})")
                 await self.channels.close(vm)
+
+
+def _create_stamped(run_path: Path, manifest: Manifest, shared: SharedFiles,
+                    started: bool) -> tuple[Workdir, tuple[object, ...] | None]:
+    """A new work directory and the stamp of the files just written (what memory holds)."""
+    workdir = create_workdir(run_path, manifest, shared, started)
+    return workdir, reconcile.stamp(workdir)

@@ -7,7 +7,11 @@ One procedure serves daemon start (``load_all``) and ReloadVms (``reload``):
    writing them; the configuration is swapped in and the runtime state (runtime, events, boot
    progress, CID) is kept. A VM counts as ``updated`` only if something on disk differed from
    memory, so a reload with no edits reports nothing. A directory that no longer parses keeps
-   its last good configuration (logged).
+   its last good configuration (logged). Files are read only if their stamp (``disk_stamp``:
+   inode, size, mtime and ctime of each file, and whether an update journal exists; taken
+   before reading) changed since the last reload read them: an unchanged VM costs a few
+   ``stat`` calls, so a reload with nothing changed takes milliseconds for 1,000 VMs. Every
+   write, the daemon's atomic renames as an operator's in-place edit, changes the stamp.
 2. **CIDs are rebuilt** from the backend's running VMs and the VMs in memory. A
    running VM keeps its CID whoever else held it ("running wins"; the loser gets a fresh
    CID for its next start), a stopped VM keeps its own otherwise, and CIDs owned by nobody are
@@ -46,11 +50,15 @@ from vmm.model.runtime import Runtime
 from vmm.model.vm import Vm
 from vmm.model.workdir import SharedFiles, Workdir, clean_staging
 from vmm.vms.request import find_image
-from vmm.vms.update import finish_pending
+from vmm.vms.update import JOURNAL, finish_pending
 
 log = logging.getLogger(__name__)
 
 _OnDisk = tuple[Manifest, DesiredState, SharedFiles]
+_Stamp = tuple[object, ...]
+# The files a VM's configuration is read from, and the update journal (see vms.update).
+_STAMPED = ("vm-manifest.json", "vm-state.json", "shared/app-compose.json",
+            "shared/.encrypted-env", "shared/.user-config", JOURNAL)
 
 
 class Registry(Protocol):
@@ -68,7 +76,8 @@ class Registry(Protocol):
     def backend(self) -> VmBackend: ...
     @property
     def registry_lock(self) -> asyncio.Lock: ...
-    def adopt(self, workdir: Workdir, runtime: Runtime | None) -> Vm | None: ...
+    def adopt(self, workdir: Workdir, runtime: Runtime | None,
+              image_versions: dict[str, str] | None = None) -> Vm | None: ...
     async def start(self, vm_id: str) -> None: ...
     async def finish_removal(self, vm: Vm) -> None: ...
     async def discard(self, vm: Vm) -> None: ...
@@ -112,9 +121,11 @@ async def reconcile(manager: Registry) -> ReloadResult:
         vanished = [vm for vm in manager.vms.values()
                     if not vm.removing and vm.id not in present]
         loaded: list[Vm] = []
+        image_versions: dict[str, str] = {}
         for name in new:
             try:
-                vm = manager.adopt(Workdir(manager.run_path / name), runtimes.get(name))
+                vm = manager.adopt(Workdir(manager.run_path / name), runtimes.get(name),
+                                   image_versions)
             except VmmError as exc:
                 log.warning("leaving %s untouched: %s", manager.run_path / name, exc.message)
                 continue
@@ -150,9 +161,13 @@ async def _reread_known(manager: Registry) -> int:
         await vm.lock.acquire()
     updated = 0
     try:
-        found = await asyncio.to_thread(_read_many, [vm.workdir for vm in idle])
-        for vm, on_disk in zip(idle, found, strict=True):
+        found = await asyncio.to_thread(_read_changed, [(vm.workdir, vm.disk_stamp) for vm in idle])
+        for vm, (now, on_disk) in zip(idle, found, strict=True):
+            if now is not None and now == vm.disk_stamp:
+                continue
             updated += _swap(manager, vm, on_disk)
+            if isinstance(on_disk, tuple) and on_disk[0].id == vm.id:
+                vm.disk_stamp = now  # memory now matches these files
     finally:
         for vm in idle:
             vm.lock.release()
@@ -163,6 +178,41 @@ async def _reread_known(manager: Registry) -> int:
             on_disk = (await asyncio.to_thread(_read_many, [vm.workdir]))[0]
             updated += _swap(manager, vm, on_disk)
     return updated
+
+
+def _read_changed(
+    known: list[tuple[Workdir, _Stamp | None]],
+) -> list[tuple[_Stamp | None, _OnDisk | Exception | None]]:
+    """Each directory's stamp, and its files if the stamp differs from the known one."""
+    found: list[tuple[_Stamp | None, _OnDisk | Exception | None]] = []
+    for wd, known_stamp in known:
+        now = stamp(wd)
+        if now is not None and now == known_stamp:
+            found.append((now, None))
+        else:
+            found.append((now, _read_many([wd])[0]))
+    return found
+
+
+def stamp(workdir: Workdir) -> _Stamp | None:
+    """(inode, size, mtime, ctime) of each configuration file, None for an absent one.
+
+    None for the whole stamp if the directory cannot be read. Taken before the files are read,
+    so that a write racing the read shows as a change next time.
+    """
+    directory = str(workdir.path)
+    found: list[object] = []
+    for name in _STAMPED:
+        try:
+            # os.stat on a str: a Path per file costs more than the stat, 6,000 times a reload.
+            st = os.stat(f"{directory}/{name}")  # noqa: PTH116
+        except FileNotFoundError:
+            found.append(None)
+        except OSError:
+            return None
+        else:
+            found.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(found)
 
 
 def _read_many(workdirs: list[Workdir]) -> list[_OnDisk | Exception | None]:
@@ -257,10 +307,27 @@ def _scan(run_path: Path, known: set[str]) -> tuple[set[str], list[str]]:
     new = sorted(present - known)
     for name in new:
         try:
-            finish_pending(Workdir(run_path / name))
+            if update_left(f"{run_path}/{name}"):
+                finish_pending(Workdir(run_path / name))
         except OSError as exc:
             log.warning("cannot finish the interrupted update of %s: %s", run_path / name, exc)
     return present, new
+
+
+def update_left(directory: str) -> bool:
+    """Whether an update left a journal or staged files (``.<name>.update``) to deal with.
+
+    Two directory listings instead of ``finish_pending``'s five failing calls: at start-up,
+    1,000 VMs with nothing left over cost a quarter of the time.
+    """
+    for path in (directory, f"{directory}/shared"):
+        try:
+            names = os.listdir(path)  # noqa: PTH208 - names only, no Path per entry
+        except FileNotFoundError:
+            continue
+        if JOURNAL in names or any(n.startswith(".") and n.endswith(".update") for n in names):
+            return True
+    return False
 
 
 async def _drop_vanished(manager: Registry, vm: Vm) -> None:
