@@ -41,6 +41,7 @@ from vmm.backend.qemu.argv import (
     effective_tee,
     netdev_option,
     size_guest,
+    verity_rootfs,
 )
 from vmm.core.config import Config, CvmConfig, ProductConfig
 from vmm.host.capabilities import Tee
@@ -313,13 +314,8 @@ def _disk_name(index: int) -> str:
 
 def _disks(devices: ET.Element, spec: LaunchSpec, cvm: CvmConfig) -> None:
     sources: list[tuple[Path, str, bool]] = []
-    rootfs = spec.image.rootfs
+    rootfs = verity_rootfs(spec)
     if rootfs is not None:
-        if rootfs.suffix != ".verity":
-            raise ValueError(
-                f"image {spec.image.name!r}: unsupported rootfs {rootfs.name!r}"
-                " (only a dm-verity '*.verity' rootfs is supported; ISO rootfs needs image < 0.5.0)"
-            )
         sources.append((rootfs, "raw", True))
     sources.append((spec.workdir / DISK, "qcow2", False))
     sources += [(Path(volume), "raw", True) for volume in spec.manifest.volumes]

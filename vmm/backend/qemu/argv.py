@@ -189,15 +189,21 @@ def _firmware(spec: LaunchSpec, cvm: CvmConfig, snp: bool) -> list[str]:
     return argv
 
 
+def verity_rootfs(spec: LaunchSpec) -> Path | None:
+    """The image's read-only root filesystem, which must be dm-verity (``*.verity``), or None."""
+    rootfs = spec.image.rootfs
+    if rootfs is not None and rootfs.suffix != ".verity":
+        raise ValueError(
+            f"image {spec.image.name!r}: unsupported rootfs {rootfs.name!r}"
+            " (only a dm-verity '*.verity' rootfs is supported; ISO rootfs needs image < 0.5.0)"
+        )
+    return rootfs
+
+
 def _disks(spec: LaunchSpec, snp: bool) -> list[str]:
     argv = []
-    rootfs = spec.image.rootfs
+    rootfs = verity_rootfs(spec)
     if rootfs is not None:
-        if rootfs.suffix != ".verity":
-            raise ValueError(
-                f"image {spec.image.name!r}: unsupported rootfs {rootfs.name!r}"
-                " (only a dm-verity '*.verity' rootfs is supported; ISO rootfs needs image < 0.5.0)"
-            )
         argv += [
             "-drive", f"file={_opt(rootfs)},if=none,id=hd0,format=raw,readonly=on",
             "-device", _virtio("virtio-blk-pci,drive=hd0", snp),
