@@ -94,9 +94,9 @@ METHODS = [(mount, method) for mount, service in SERVICES for method in service.
 # * GetAppEnvEncryptPubKey forwards to the KMS: a KMS that is down or refuses is a 503.
 # * /guest/* forwards to the guest agent inside the VM: a VM whose agent does not answer (the
 #   fixture images cannot boot one) is a 503; a VM that is not running is a 409, none is a 404.
-# 501 (NotImplementedYet) is not allowed: the registry RPCs raise it only when image.registry
-# is set, and this daemon has none, so ListRegistryImages answers an empty list and
-# PullRegistryImage a 409. Anything else 5xx is a bug.
+# The registry RPCs are not in the list: this daemon has no image.registry, so
+# ListRegistryImages answers an empty list and PullRegistryImage a 409 (a configured registry
+# that is down is a 503 REGISTRY_ERROR, tested in tests/peers). Anything else 5xx is a bug.
 ALLOWED_5XX: dict[str, frozenset[int]] = {
     "vmm.Vmm.GetAppEnvEncryptPubKey": frozenset({503}),
     **{m.full_name: frozenset({503}) for m in SERVICES[1][1].methods},

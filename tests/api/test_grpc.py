@@ -80,7 +80,6 @@ GRPC_FOR_HTTP = {
     409: {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED},
     413: {grpc.StatusCode.RESOURCE_EXHAUSTED},
     500: {grpc.StatusCode.INTERNAL},
-    501: {grpc.StatusCode.UNIMPLEMENTED},
     503: {grpc.StatusCode.UNAVAILABLE},
     507: {grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED},
 }

@@ -50,7 +50,6 @@ STATUS_OF_CODE: dict[str, grpc.StatusCode] = {
     "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
     "UNSUPPORTED": grpc.StatusCode.FAILED_PRECONDITION,
     "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "UNIMPLEMENTED": grpc.StatusCode.UNIMPLEMENTED,
     "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
     "REGISTRY_ERROR": grpc.StatusCode.UNAVAILABLE,
     "STORAGE": grpc.StatusCode.INTERNAL,

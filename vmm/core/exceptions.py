@@ -15,7 +15,6 @@ anything that is not a ``VmmError`` is a bug and becomes a logged 500.
     ├── Conflict (409)                      the VM is in the wrong state for the call
     │   └── Unsupported                     the active backend cannot do it; names feature and backend
     ├── ResourceExhausted (409)             a limit (CIDs, vCPUs, memory, ports) is reached
-    ├── NotImplementedYet (501)             the RPC exists but is not built yet
     ├── Unavailable (503)                   a dependency (KMS, guest agent, supervisor) is down
     │   └── RegistryError                   the image registry is down, refused, or sent bad data
     ├── StorageError (507)                  writing the daemon's state failed; names the file
@@ -100,14 +99,6 @@ class Conflict(VmmError):
 class ResourceExhausted(VmmError):
     status_code = 409
     code = "RESOURCE_EXHAUSTED"
-
-
-class NotImplementedYet(VmmError):
-    status_code = 501
-    code = "UNIMPLEMENTED"
-
-    def __init__(self, method: str) -> None:
-        super().__init__(f"{method} is not implemented yet")
 
 
 class Unsupported(Conflict):
