@@ -579,8 +579,13 @@ class Manager:
             await asyncio.sleep(WATCH_INTERVAL)
 
     async def refresh(self) -> None:
+        # A VM that changed while the backend was asked (a StartVm or StopVm finished meanwhile)
+        # keeps what its call recorded: the listing may predate it. The next round reads it.
+        asked = {vm_id: vm.version for vm_id, vm in self.vms.items()}
         runtimes = await self.backend.runtimes()
         for vm in list(self.vms.values()):
+            if asked.get(vm.id) != vm.version:
+                continue
             before = vm.running
             vm.runtime = runtimes.get(vm.id)
             if before and not vm.running and vm.runtime is not None:
