@@ -322,10 +322,13 @@ class Manager:
             log.exception("VM %s: asking the guest agent to power off failed; using ACPI", vm.id)
         try:
             await self.backend.request_power_off(vm.id)
-        except Unavailable as exc:
+        except Exception as exc:
+            if not isinstance(exc, Unavailable):  # unforeseen: keep its traceback for the log
+                log.exception("VM %s: pressing the ACPI power button failed", vm.id)
             await self._kill(vm)
             vm.shutdown_progress = "stopped"
-            vm.add_event("vmm.shutdown", f"forced: agent and ACPI unavailable ({exc.message})")
+            reason = exc.message if isinstance(exc, Unavailable) else f"{type(exc).__name__}: {exc}"
+            vm.add_event("vmm.shutdown", f"forced: agent and ACPI unavailable ({reason})")
             return None
         vm.add_event("vmm.shutdown", "ACPI power button pressed")
         return "ACPI"
