@@ -55,6 +55,15 @@ def clone(run: Path, source: str, new_id: str) -> None:
     edit_manifest(run / new_id, id=new_id)
 
 
+def vanish(vm_dir: Path, workdir: Path) -> None:
+    """Make a VM directory disappear at once, as ``rm -rf`` would appear to the daemon.
+
+    Its QEMU is still running and may write into it, so an rmtree in place can race a new file
+    ("Directory not empty"); a rename out of the state directory is atomic.
+    """
+    vm_dir.rename(workdir / f"vanished-{vm_dir.name}")
+
+
 def cid_of(state: Path, vm_id: str) -> int:
     cid: int = supervisor_processes(state)[vm_id]["config"]["cid"]
     return cid
@@ -74,7 +83,7 @@ def test_reload_counts_and_applies_disk_changes() -> None:
         edit_manifest(run / edited, name="renamed-on-disk")
         clone(run, template, "dropped-in")
         (run / "dropped-in" / "vm-state.json").write_bytes(DesiredState(started=True).dumps())
-        shutil.rmtree(run / doomed)
+        vanish(run / doomed, workdir)
         (run / "not a vm!").mkdir()
         assert rpc(client, "ReloadVms") == {"loaded": 1, "updated": 1, "removed": 1}
 
@@ -119,7 +128,7 @@ def test_restart_keeps_cids_resumes_and_reports_orphans() -> None:
 
             os.kill(crashed_pid, signal.SIGKILL)
             wait_for("the crashed QEMU to die", lambda: pid_gone(crashed_pid))
-            shutil.rmtree(run / orphan)
+            vanish(run / orphan, workdir)
             (run / doomed / ".removing").touch()
             # Sorts before every UUID, so it is loaded first and would grab the lowest free CID.
             clone(run, template, "-first-in-line")
