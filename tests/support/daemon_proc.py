@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 START_TIMEOUT = 60.0
+LOG_TAIL_LINES = 200  # of the daemon's log, shown with a failed test
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _LISTEN_RE = re.compile(r"listening on (tcp|unix):(\S+)")
 
@@ -66,9 +67,16 @@ class DaemonProcess:
         self.kill(signal.SIGTERM)
 
     def destroy(self) -> None:
-        """Kill the daemon, then every QEMU and the supervisor it started, each by PID."""
+        """Kill the daemon, then every QEMU and the supervisor it started, each by PID.
+
+        The log's tail goes to stdout, which pytest shows only for a failed test: the daemon's
+        side of a failure (a traceback behind a 500) is otherwise lost with the temp dir.
+        """
         self.kill()
         kill_vm_processes(self.workdir / "state")
+        with contextlib.suppress(OSError):
+            tail = self.log().splitlines()[-LOG_TAIL_LINES:]
+            print(f"--- daemon log {self.log_path} (last {len(tail)} lines) ---", *tail, sep="\n")
 
 
 def _pid_with(path: Path, marker: str) -> int | None:
