@@ -242,10 +242,22 @@ class Manager:
     async def _kill(self, vm: Vm) -> None:
         """Stop the VM's QEMU; raises if the backend did not get the request."""
         if vm.runtime is not None or await self.backend.runtime(vm.id) is not None:
-            await self.backend.kill(vm.id)
+            try:
+                await self.backend.kill(vm.id)
+            except BackendError as exc:
+                # A QEMU that exited by itself meanwhile can make the backend refuse the kill:
+                # the stop the caller wanted has happened, so only a VM still running fails it.
+                if isinstance(exc, Unavailable) or await self._still_running(vm):
+                    raise
+                log.info("VM %s: the backend refused the kill (%s) but it no longer runs",
+                         vm.id, exc.message)
             vm.runtime = await self._runtime_after(vm, "stopped")
         await self.channels.close(vm)
         await self.forwards.refresh()
+
+    async def _still_running(self, vm: Vm) -> bool:
+        runtime = await self.backend.runtime(vm.id)
+        return runtime is not None and runtime.running
 
     async def _runtime_after(self, vm: Vm, done: str) -> Runtime | None:
         """The runtime state after a stop that happened, even if it cannot be read."""
