@@ -87,6 +87,13 @@ def nics(daemon: DaemonProcess, vm_id: str) -> list[dict[str, Any]]:
     return list(rpc(daemon, "Status", {"ids": [vm_id], "brief": True})["vms"][0]["interfaces"])
 
 
+def host_nics(daemon: DaemonProcess, vm_id: str) -> list[dict[str, Any]] | None:
+    """/guest/NetworkInfo's host_nics for the VM, or None while its agent does not answer."""
+    with daemon.unix_client(headers=AUTH) as client:
+        response = client.post("/guest/NetworkInfo?json", json={"id": vm_id})
+    return list(response.json()["host_nics"]) if response.status_code == 200 else None
+
+
 def guest_http(net: Net, port: int) -> dict[str, Any] | None:
     """The guest service's answer through host port ``port``, asked from inside the netns."""
     done = ns_run(net.ns, "curl", "-s", "-m", "5", f"http://127.0.0.1:{port}/", check=False)
@@ -148,6 +155,9 @@ def test_bridge_forward_through_nft_follows_leases_and_lifecycle(net: Net) -> No
         rule = f"tcp dport {BRIDGE_PORT} dnat to {ip}:8080"
         assert rule in nft_rules(net)
         wait_for("the guest through the user NIC", lambda: guest_http(net, USER_PORT), timeout=60)
+        listed = wait_for("/guest/NetworkInfo", lambda: host_nics(daemon, vm_id), timeout=60)
+        assert listed[0] == {"index": 0, "mode": "bridge", "mac": mac, "bridge": "br0", "ip": ip}
+        assert listed[1]["mode"] == "user" and listed[1]["ip"] == ""
 
         rpc(daemon, "StopVm", {"id": vm_id})
         assert rule not in nft_rules(net)

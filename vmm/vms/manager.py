@@ -55,8 +55,9 @@ from vmm.model.vm import Vm
 from vmm.model.workdir import SharedFiles, Workdir, create_workdir, shown_path
 from vmm.net.forwards import Forwards
 from vmm.net.leases import LeaseBook, nic_of_mac
-from vmm.net.nics import interface_statuses, resolve_networks
+from vmm.net.nics import host_nics, interface_statuses, resolve_networks
 from vmm.prpc import codec
+from vmm.rpc import guest_api_pb2 as gpb
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vms import boot, limits, log_rotation, reconcile
 from vmm.vms.auto_restart import AutoRestart
@@ -471,6 +472,15 @@ class Manager:
             return info
         info.interfaces.extend(interface_statuses(resolved, self.leases.ips(vm.id)))
         return info
+
+    def host_nics(self, vm_id: str) -> list[gpb.HostNic]:
+        """The host's view of a VM's NICs with their leased IPs (/guest/NetworkInfo); 404 if unknown."""
+        vm = self.get(vm_id)
+        try:
+            resolved = resolve_networks(vm.manifest, self.config.cvm.networking)
+        except ValueError:  # logged by vm_info; the guest's own answer still goes out
+            return []
+        return host_nics(resolved, self.leases.ips(vm.id))
 
     # -- recovery -----------------------------------------------------------------------------
 
