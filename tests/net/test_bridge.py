@@ -215,40 +215,47 @@ def virsh(lvd: Libvirtd, *args: str) -> str:
                           timeout=30, check=True).stdout  # fmt: skip
 
 
+def xml_attr(root: ET.Element, path: str, name: str) -> str:
+    element = root.find(path)
+    assert element is not None, f"no {path} in the domain XML"
+    return element.get(name, "")
+
+
 def root_macs() -> set[str]:
     """The MAC of every interface in the root namespace (where this test process runs)."""
     return {(p / "address").read_text().strip() for p in Path("/sys/class/net").iterdir()}
 
 
 def test_bridge_forward_under_libvirt(net: Net) -> None:
-    """libvirt backend, libvirtd in the netns: the bridge NIC is a libvirt TAP on br0 with the
-    VM's derived MAC, dnsmasq's lease is recorded, the mapped port reaches the guest through nft
-    DNAT, StopVm drops the rule and the TAP, StartVm and a daemon restart (adopting the domain)
-    keep it, RemoveVm drops it; nothing reaches the root namespace."""
+    """libvirt backend, libvirtd in the netns, user + bridge NICs each mapped: the bridge NIC is
+    a libvirt TAP on br0 with the VM's derived MAC, dnsmasq's lease is recorded, the mapped port
+    reaches the guest through nft DNAT, StopVm drops the rule and the TAP, StartVm and a daemon
+    restart (adopting the domain) keep it, RemoveVm drops it; nothing reaches the root netns."""
     tap_mac = ""
     with private_libvirtd(wrap=["ip", "netns", "exec", net.ns]) as lvd:
         libvirt = f'[libvirt]\nuri = "{lvd.uri}"\n'
         daemon = start(net, "nft", cvm='backend = "libvirt"', extra=libvirt)
         try:
-            vm_id, mac, ip = boot_and_lease(net, daemon, networks=[{"mode": "bridge"}],
-                                            ports=[{"protocol": "tcp", "host_port": BRIDGE_PORT,
-                                                    "vm_port": 8080}])  # fmt: skip
+            vm_id, mac, ip = boot_and_lease(net, daemon, networks=[{"mode": "user"}, {"mode": "bridge"}],
+                                            ports=[{"protocol": "tcp", "host_port": USER_PORT,
+                                                    "vm_port": 8080},
+                                                   {"protocol": "tcp", "host_port": BRIDGE_PORT,
+                                                    "vm_port": 8080, "nic": 1}])  # fmt: skip
             assert ip.startswith("10.88.0.")
-            interface = ET.fromstring(virsh(lvd, "dumpxml", f"vmm-{vm_id}")).find(
-                "devices/interface[@type='bridge']")  # fmt: skip
-            assert interface is not None
-            assert interface.find("mac").get("address") == mac  # type: ignore[union-attr]
-            assert interface.find("source").get("bridge") == "br0"  # type: ignore[union-attr]
-            tap = interface.find("target").get("dev")  # type: ignore[union-attr]
-            assert tap and tap in ns_run(net.ns, "ip", "-o", "link", "show", "master", "br0").stdout
+            domain = ET.fromstring(virsh(lvd, "dumpxml", f"vmm-{vm_id}"))
+            assert xml_attr(domain, "devices/interface[@type='bridge']/mac", "address") == mac
+            assert xml_attr(domain, "devices/interface[@type='bridge']/source", "bridge") == "br0"
+            tap = xml_attr(domain, "devices/interface[@type='bridge']/target", "dev")
+            assert tap in ns_run(net.ns, "ip", "-o", "link", "show", "master", "br0").stdout
             tap_mac = ns_run(net.ns, "cat", f"/sys/class/net/{tap}/address").stdout.strip()
 
             wait_for("the guest through the bridge forward", lambda: guest_http(net, BRIDGE_PORT),
                      timeout=120)  # fmt: skip
             rule = f"tcp dport {BRIDGE_PORT} dnat to {ip}:8080"
             assert rule in nft_rules(net)
+            wait_for("the guest through the user NIC", lambda: guest_http(net, USER_PORT), timeout=60)
             listed = wait_for("/guest/NetworkInfo", lambda: host_nics(daemon, vm_id), timeout=60)
-            assert listed == [{"index": 0, "mode": "bridge", "mac": mac, "bridge": "br0", "ip": ip}]
+            assert listed[1] == {"index": 1, "mode": "bridge", "mac": mac, "bridge": "br0", "ip": ip}
 
             rpc(daemon, "StopVm", {"id": vm_id})
             assert rule not in nft_rules(net)
@@ -262,7 +269,7 @@ def test_bridge_forward_under_libvirt(net: Net) -> None:
             assert rule in nft_rules(net)
             daemon = start(net, "nft", cvm='backend = "libvirt"', extra=libvirt)
             assert rule in nft_rules(net)
-            assert nics(daemon, vm_id)[0]["ip"] == ip
+            assert nics(daemon, vm_id)[1]["ip"] == ip
             assert "vmm.adopted" in [e["event"] for e in rpc(
                 daemon, "Status", {"ids": [vm_id]})["vms"][0]["events"]]  # fmt: skip
             wait_for("the guest after the restart", lambda: guest_http(net, BRIDGE_PORT),
