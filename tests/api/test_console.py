@@ -221,13 +221,19 @@ def test_without_the_stream_the_list_is_polled(
 def test_logs_follow_live_and_the_buttons_drive_the_lifecycle(
     vmm: DaemonProcess, browser: webdriver.Chrome, client: httpx.Client
 ) -> None:
-    """Details follow the serial log; Shutdown, Start, Stop, Update and Remove work from the page."""
+    """Details follow the serial log and show a NIC's leased IP; Shutdown, Start, Stop, Update and
+    Remove work from the page."""
     vm_id = create(client, name="buttons")
+    mac = rpc(client, "GetInfo", {"id": vm_id})["info"]["interfaces"][0]["mac"]
+    rpc(client, "ReportDhcpLease", {"mac": mac, "ip": "10.88.0.77", "event": "add"})
     wait(browser, "the running row", lambda d: row_status(d, vm_id) in ("running", "booting"))
     browser.execute_script(
         "document.querySelector(`tr[data-id='${arguments[0]}'] button[data-action=details]`).click()",
         vm_id)
     wait(browser, "the log view", lambda d: visible(d, "#log-output"))
+    nic_cells = "//h3[text()='Network interfaces']/following-sibling::table[1]//td"
+    wait(browser, "the leased IP in the NIC table", lambda d: "10.88.0.77" in [
+        cell.text for cell in d.find_elements(By.XPATH, nic_cells)])
     serial = vmm.workdir / "state" / "vm" / vm_id / "serial.log"
     with serial.open("a") as fp:
         fp.write("console-test: first line\n")

@@ -91,9 +91,14 @@ def test_sys_info_matches_the_vm(booted: tuple[DaemonProcess, str]) -> None:
 
 
 def test_network_info_lists_the_guest_nic(booted: tuple[DaemonProcess, str]) -> None:
-    """NetworkInfo lists eth0 with its user-mode DHCP address and the gateway."""
+    """NetworkInfo lists eth0 with its user-mode DHCP address and the gateway, and host_nics
+    (added by the daemon) the VM's one user NIC as Status lists it, with no lease."""
     daemon, vm_id = booted
     answer = guest(daemon, "NetworkInfo", vm_id)
+    with daemon.client() as client:
+        status_nic = vm_info(client, vm_id)["interfaces"][0]
+    assert answer["host_nics"] == [{"index": 0, "mode": "user", "mac": status_nic["mac"],
+                                    "bridge": "", "ip": ""}]  # fmt: skip
     nics = {nic["name"]: nic for nic in answer["interfaces"]}
     assert "eth0" in nics
     assert any(a["address"].startswith("10.0.2.") and a["prefix"] == 24

@@ -3,6 +3,7 @@
 The daemon (and so its supervisor, QEMU, the TAPs and the nft table) runs inside a namespace
 the test makes, with a bridge and dnsmasq; the test talks to the daemon over its Unix socket
 (a filesystem path, reachable from any namespace) and sends HTTP from inside the namespace.
+Under the libvirt backend a private libvirtd runs in that namespace too: it makes the TAP.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 from tests.net.netns import add_bridge, end, netns, ns_run
 from tests.support.daemon_proc import REPO_ROOT, DaemonProcess, start_daemon
 from tests.support.guest_image import ensure_guest_image
+from tests.support.libvirtd import Libvirtd, private_libvirtd
 from tests.support.short_dirs import short_dir
 from tests.support.vm_ops import qemu_pid_of, wait_for
 
@@ -64,11 +67,11 @@ def net() -> Iterator[Net]:
             end(dnsmasq)
 
 
-def start(net: Net, forward: str, extra: str = "") -> DaemonProcess:
+def start(net: Net, forward: str, extra: str = "", cvm: str = "") -> DaemonProcess:
     config = extra + (
         f'[auth]\nenabled = true\ntokens = ["{TOKEN}"]\n'
         f'[image]\npath = "{net.image_dir.parent}"\n'
-        '[cvm]\naccel = "tcg"\nshutdown_timeout = 60\n'
+        f'[cvm]\naccel = "tcg"\nshutdown_timeout = 60\n{cvm}\n'
         f'[cvm.networking]\nbridge = "br0"\nforward = "{forward}"\n'
         '[cvm.port_mapping]\nenabled = true\nrange = [{protocol = "tcp", from = 1024, to = 65535}]\n'
     )
@@ -85,6 +88,13 @@ def rpc(daemon: DaemonProcess, method: str, body: dict[str, Any]) -> Any:
 
 def nics(daemon: DaemonProcess, vm_id: str) -> list[dict[str, Any]]:
     return list(rpc(daemon, "Status", {"ids": [vm_id], "brief": True})["vms"][0]["interfaces"])
+
+
+def host_nics(daemon: DaemonProcess, vm_id: str) -> list[dict[str, Any]] | None:
+    """/guest/NetworkInfo's host_nics for the VM, or None while its agent does not answer."""
+    with daemon.unix_client(headers=AUTH) as client:
+        response = client.post("/guest/NetworkInfo?json", json={"id": vm_id})
+    return list(response.json()["host_nics"]) if response.status_code == 200 else None
 
 
 def guest_http(net: Net, port: int) -> dict[str, Any] | None:
@@ -148,6 +158,9 @@ def test_bridge_forward_through_nft_follows_leases_and_lifecycle(net: Net) -> No
         rule = f"tcp dport {BRIDGE_PORT} dnat to {ip}:8080"
         assert rule in nft_rules(net)
         wait_for("the guest through the user NIC", lambda: guest_http(net, USER_PORT), timeout=60)
+        listed = wait_for("/guest/NetworkInfo", lambda: host_nics(daemon, vm_id), timeout=60)
+        assert listed[0] == {"index": 0, "mode": "bridge", "mac": mac, "bridge": "br0", "ip": ip}
+        assert listed[1]["mode"] == "user" and listed[1]["ip"] == ""
 
         rpc(daemon, "StopVm", {"id": vm_id})
         assert rule not in nft_rules(net)
@@ -195,3 +208,80 @@ def test_bridge_forward_in_user_space(net: Net) -> None:
     finally:
         daemon.destroy()
     assert not any(Path("/sys/class/net").glob("vt*n*"))  # no TAP reached the root namespace
+
+
+def virsh(lvd: Libvirtd, *args: str) -> str:
+    return subprocess.run(["virsh", "-c", lvd.uri, *args], capture_output=True, text=True,
+                          timeout=30, check=True).stdout  # fmt: skip
+
+
+def xml_attr(root: ET.Element, path: str, name: str) -> str:
+    element = root.find(path)
+    assert element is not None, f"no {path} in the domain XML"
+    return element.get(name, "")
+
+
+def root_macs() -> set[str]:
+    """The MAC of every interface in the root namespace (where this test process runs)."""
+    return {(p / "address").read_text().strip() for p in Path("/sys/class/net").iterdir()}
+
+
+def test_bridge_forward_under_libvirt(net: Net) -> None:
+    """libvirt backend, libvirtd in the netns, user + bridge NICs each mapped: the bridge NIC is
+    a libvirt TAP on br0 with the VM's derived MAC, dnsmasq's lease is recorded, the mapped port
+    reaches the guest through nft DNAT, StopVm drops the rule and the TAP, StartVm and a daemon
+    restart (adopting the domain) keep it, RemoveVm drops it; nothing reaches the root netns."""
+    tap_mac = ""
+    with private_libvirtd(wrap=["ip", "netns", "exec", net.ns]) as lvd:
+        libvirt = f'[libvirt]\nuri = "{lvd.uri}"\n'
+        daemon = start(net, "nft", cvm='backend = "libvirt"', extra=libvirt)
+        try:
+            vm_id, mac, ip = boot_and_lease(net, daemon, networks=[{"mode": "user"}, {"mode": "bridge"}],
+                                            ports=[{"protocol": "tcp", "host_port": USER_PORT,
+                                                    "vm_port": 8080},
+                                                   {"protocol": "tcp", "host_port": BRIDGE_PORT,
+                                                    "vm_port": 8080, "nic": 1}])  # fmt: skip
+            assert ip.startswith("10.88.0.")
+            domain = ET.fromstring(virsh(lvd, "dumpxml", f"vmm-{vm_id}"))
+            assert xml_attr(domain, "devices/interface[@type='bridge']/mac", "address") == mac
+            assert xml_attr(domain, "devices/interface[@type='bridge']/source", "bridge") == "br0"
+            tap = xml_attr(domain, "devices/interface[@type='bridge']/target", "dev")
+            assert tap in ns_run(net.ns, "ip", "-o", "link", "show", "master", "br0").stdout
+            tap_mac = ns_run(net.ns, "cat", f"/sys/class/net/{tap}/address").stdout.strip()
+
+            wait_for("the guest through the bridge forward", lambda: guest_http(net, BRIDGE_PORT),
+                     timeout=120)  # fmt: skip
+            rule = f"tcp dport {BRIDGE_PORT} dnat to {ip}:8080"
+            assert rule in nft_rules(net)
+            wait_for("the guest through the user NIC", lambda: guest_http(net, USER_PORT), timeout=60)
+            listed = wait_for("/guest/NetworkInfo", lambda: host_nics(daemon, vm_id), timeout=60)
+            assert listed[1] == {"index": 1, "mode": "bridge", "mac": mac, "bridge": "br0", "ip": ip}
+
+            rpc(daemon, "StopVm", {"id": vm_id})
+            assert rule not in nft_rules(net)
+            assert guest_http(net, BRIDGE_PORT) is None
+            wait_for("libvirt to delete the TAP", lambda: ns_run(
+                net.ns, "ip", "link", "show", tap, check=False).returncode != 0, timeout=30)
+
+            rpc(daemon, "StartVm", {"id": vm_id})
+            assert rule in nft_rules(net)  # restored from the persisted lease at start
+            daemon.stop()
+            assert rule in nft_rules(net)
+            daemon = start(net, "nft", cvm='backend = "libvirt"', extra=libvirt)
+            assert rule in nft_rules(net)
+            assert nics(daemon, vm_id)[1]["ip"] == ip
+            assert "vmm.adopted" in [e["event"] for e in rpc(
+                daemon, "Status", {"ids": [vm_id]})["vms"][0]["events"]]  # fmt: skip
+            wait_for("the guest after the restart", lambda: guest_http(net, BRIDGE_PORT),
+                     timeout=120)  # fmt: skip
+
+            rpc(daemon, "RemoveVm", {"id": vm_id})
+            wait_for("the removal", lambda: not rpc(daemon, "Status", {"ids": [vm_id]}).get("vms"))
+            assert "dnat" not in nft_rules(net)
+            assert f"vmm-{vm_id}" not in virsh(lvd, "list", "--all", "--name").split()
+        finally:
+            daemon.destroy()
+    assert tap_mac and tap_mac not in root_macs()  # the TAP never reached the root namespace
+    root_tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                                 timeout=30, check=False).stdout  # fmt: skip
+    assert "vmm_forward" not in root_tables

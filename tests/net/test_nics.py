@@ -13,6 +13,7 @@ from vmm.net.nics import (
     available_modes,
     check_distinct,
     check_mac,
+    host_nics,
     interface_statuses,
     place_ports,
     resolve_networks,
@@ -92,6 +93,24 @@ def test_resolved_nics_carry_their_own_mappings_and_macs() -> None:
     statuses = interface_statuses(nics, {1: "10.88.0.12"})
     assert [(s.mode, s.backend, s.netdev_id, s.ip, s.index) for s in statuses] == [
         ("user", "slirp", "net0", "", 0), ("user", "slirp", "net1", "10.88.0.12", 1)]  # fmt: skip
+
+
+
+def test_host_nics_state_what_status_states() -> None:
+    """/guest/NetworkInfo's host_nics carry each NIC's index, mode, MAC, bridge and leased IP,
+    the same as Status's interfaces."""
+    manifest = Manifest(
+        id="vm3", name="n", app_id="a", image="i", vcpu=1, memory=1, disk_size=1,
+        created_at_ms=0, networks=(Network("bridge", "br0"), Network("user")),
+    )  # fmt: skip
+    nics = resolve_networks(manifest, NET)
+    ips = {0: "10.88.0.23"}
+    listed = host_nics(nics, ips)
+    assert [(h.index, h.mode, h.mac, h.bridge, h.ip) for h in listed] == [
+        (0, "bridge", nics[0].mac, "br0", "10.88.0.23"), (1, "user", nics[1].mac, "", "")]
+    statuses = interface_statuses(nics, ips)
+    assert [(s.index, s.mode, s.mac, s.bridge_name, s.ip) for s in statuses] == [
+        (h.index, h.mode, h.mac, h.bridge, h.ip) for h in listed]
 
 
 def test_available_modes_follow_the_host(tmp_path: Path) -> None:

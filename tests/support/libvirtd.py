@@ -8,6 +8,10 @@ overlaid inside the namespace (upper layer in the temp directory) so the mount p
 without creating it on the host. The control socket lives in a test-owned directory outside
 those mounts (``unix_sock_dir``) and is reached as ``qemu+unix:///system?socket=...``.
 
+``wrap`` runs it inside a test's network namespace (``ip netns exec NS``, which execs, so the
+PID stays libvirtd's): the TAPs libvirt makes for bridge NICs then land on that namespace's
+bridge, and its QEMUs share the namespace.
+
 qemu.conf choices, each for a measured reason (reference networking-libvirt.md §4):
 
 - ``user``/``group = "root"``: with /dev/kvm present but unusable, defineXML otherwise takes 64 s.
@@ -29,7 +33,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tests.support.short_dirs import short_dir
@@ -82,8 +86,9 @@ exec "$@"
 class Libvirtd:
     """One private libvirtd over a temp root; ``restart`` keeps the root (and its domains)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, wrap: Sequence[str] = ()) -> None:
         self.root = root
+        self.wrap = tuple(wrap)
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = write_config(root)
 
@@ -117,12 +122,12 @@ class Libvirtd:
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         self.socket.unlink(missing_ok=True)
-        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+        argv = [*self.wrap, "unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
                 _NAMESPACE_SETUP, "sh", str(self.root),
                 "libvirtd", "--config", str(self.conf),
                 "--pid-file", str(self.root / "libvirtd.pid")]  # fmt: skip
         with (self.root / "stderr").open("ab") as err:
-            # unshare and sh exec into libvirtd: this pid is libvirtd's own.
+            # The wrap, unshare and sh exec into libvirtd: this pid is libvirtd's own.
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         deadline = time.monotonic() + timeout
         while not self.socket.exists():
@@ -162,10 +167,10 @@ class Libvirtd:
 
 
 @contextlib.contextmanager
-def private_libvirtd(timeout: float = START_TIMEOUT) -> Iterator[Libvirtd]:
+def private_libvirtd(timeout: float = START_TIMEOUT, wrap: Sequence[str] = ()) -> Iterator[Libvirtd]:
     """Start a libvirtd of our own; end it and every QEMU it started by PID, whatever happens."""
     with short_dir("lvd") as root:
-        daemon = Libvirtd(root)
+        daemon = Libvirtd(root, wrap)
         try:
             daemon.start(timeout)
             yield daemon

@@ -10,8 +10,12 @@ Two ways to carry them:
 - ``NftForwarder``: nftables DNAT in the daemon's own table, replaced in one transaction. The
   kernel forwards, so a remote client's address reaches the guest unchanged. Traffic from the
   host itself to a loopback address is masqueraded (its 127.x source cannot leave the host), and
-  the bridge gets ``route_localnet`` so such packets may be routed out of it at all.
+  the bridge gets ``route_localnet`` so such packets may be routed out of it at all. A remote
+  client's packets are routed from its interface to the bridge, which needs
+  ``net.ipv4.ip_forward = 1``: the daemon does not make the host a router by itself (a host-wide
+  change), it warns when remote clients are shut out.
 - ``UserspaceForwarder`` (``vmm.net.proxy``): asyncio listeners, where nftables is not usable.
+  The guest sees the host's bridge address as every client's.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 TABLE = "vmm_forward"
 NFT_TIMEOUT = 10.0
 PROC_CONF = Path("/proc/sys/net/ipv4/conf")
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
 @dataclass(frozen=True, order=True)
@@ -149,9 +154,25 @@ class NftForwarder:
         for bridge in sorted({fw.bridge for fw in forwards}):
             _allow_localnet(bridge)
         await run_nft(nft_script(forwards, self.table))
+        _warn_without_routing(forwards)
 
     async def close(self) -> None:
         """Rules stay: VMs outlive the daemon, and their forwards with them."""
+
+
+def _warn_without_routing(forwards: Sequence[Forward]) -> None:
+    remote = [fw for fw in forwards
+              if fw.address == "0.0.0.0" or not ipaddress.IPv4Address(fw.address).is_loopback]
+    if not remote:
+        return
+    try:
+        routing = IP_FORWARD.read_text().strip() != "0"
+    except OSError:
+        return
+    if not routing:
+        log.warning("net.ipv4.ip_forward is 0: remote clients cannot reach %d port forwards "
+                    "(%s, ...); only this host's own clients can", len(remote),
+                    remote[0].describe())  # fmt: skip
 
 
 def _allow_localnet(bridge: str) -> None:

@@ -19,6 +19,7 @@ from vmm.core.exceptions import InvalidField
 from vmm.model.manifest import Manifest, NetMode, Network, PortMap
 from vmm.net.macs import derive_mac
 from vmm.net.tap import tap_name
+from vmm.rpc import guest_api_pb2 as gpb
 from vmm.rpc import vmm_rpc_pb2 as pb
 
 # The modes whose NICs can carry port mappings: slirp's hostfwd, and for bridge NICs the
@@ -166,6 +167,12 @@ def interface_statuses(
             status.bridge_name = nic.bridge
         result.append(status)
     return result
+
+
+def host_nics(nics: Iterable[ResolvedNic], ips: Mapping[int, str]) -> list[gpb.HostNic]:
+    """The same facts for /guest/NetworkInfo's ``host_nics``, which the /guest proxy adds."""
+    return [gpb.HostNic(index=nic.index, mode=nic.mode, mac=nic.mac, bridge=nic.bridge,
+                        ip=ips.get(nic.index, "")) for nic in nics]  # fmt: skip
 
 
 TUN_DEVICE = Path("/dev/net/tun")

@@ -60,16 +60,32 @@ class Gateway(_message.Message):
     def __init__(self, address: _Optional[str] = ...) -> None: ...
 
 class NetworkInformation(_message.Message):
-    __slots__ = ("dns_servers", "gateways", "interfaces", "wg_info")
+    __slots__ = ("dns_servers", "gateways", "interfaces", "wg_info", "host_nics")
     DNS_SERVERS_FIELD_NUMBER: _ClassVar[int]
     GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
     WG_INFO_FIELD_NUMBER: _ClassVar[int]
+    HOST_NICS_FIELD_NUMBER: _ClassVar[int]
     dns_servers: _containers.RepeatedScalarFieldContainer[str]
     gateways: _containers.RepeatedCompositeFieldContainer[Gateway]
     interfaces: _containers.RepeatedCompositeFieldContainer[Interface]
     wg_info: str
-    def __init__(self, dns_servers: _Optional[_Iterable[str]] = ..., gateways: _Optional[_Iterable[_Union[Gateway, _Mapping]]] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., wg_info: _Optional[str] = ...) -> None: ...
+    host_nics: _containers.RepeatedCompositeFieldContainer[HostNic]
+    def __init__(self, dns_servers: _Optional[_Iterable[str]] = ..., gateways: _Optional[_Iterable[_Union[Gateway, _Mapping]]] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., wg_info: _Optional[str] = ..., host_nics: _Optional[_Iterable[_Union[HostNic, _Mapping]]] = ...) -> None: ...
+
+class HostNic(_message.Message):
+    __slots__ = ("index", "mode", "mac", "bridge", "ip")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    mode: str
+    mac: str
+    bridge: str
+    ip: str
+    def __init__(self, index: _Optional[int] = ..., mode: _Optional[str] = ..., mac: _Optional[str] = ..., bridge: _Optional[str] = ..., ip: _Optional[str] = ...) -> None: ...
 
 class ListContainersResponse(_message.Message):
     __slots__ = ("containers",)

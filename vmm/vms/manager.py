@@ -55,8 +55,9 @@ from vmm.model.vm import Vm
 from vmm.model.workdir import SharedFiles, Workdir, create_workdir, shown_path
 from vmm.net.forwards import Forwards
 from vmm.net.leases import LeaseBook, nic_of_mac
-from vmm.net.nics import interface_statuses, resolve_networks
+from vmm.net.nics import ResolvedNic, host_nics, interface_statuses, resolve_networks
 from vmm.prpc import codec
+from vmm.rpc import guest_api_pb2 as gpb
 from vmm.rpc import vmm_rpc_pb2 as pb
 from vmm.vms import boot, limits, log_rotation, reconcile
 from vmm.vms.auto_restart import AutoRestart
@@ -476,13 +477,20 @@ class Manager:
     def vm_info(self, vm: Vm, *, brief: bool, now: float | None = None) -> pb.VmInfo:
         """Status/GetInfo's view of one VM, with every NIC (brief or not) and its leased IP."""
         info = vm.info(brief=brief, guest_channel=self.host.channel, now=now)
+        info.interfaces.extend(interface_statuses(self._nics_of(vm), self.leases.ips(vm.id)))
+        return info
+
+    def host_nics(self, vm_id: str) -> list[gpb.HostNic]:
+        """The host's view of a VM's NICs with their leased IPs (/guest/NetworkInfo); 404 if unknown."""
+        vm = self.get(vm_id)
+        return host_nics(self._nics_of(vm), self.leases.ips(vm.id))
+
+    def _nics_of(self, vm: Vm) -> tuple[ResolvedNic, ...]:
         try:
-            resolved = resolve_networks(vm.manifest, self.config.cvm.networking)
+            return resolve_networks(vm.manifest, self.config.cvm.networking)
         except ValueError as exc:  # config changed under the VM (e.g. the default bridge gone)
             log.warning("VM %s: cannot resolve its NICs: %s", vm.id, exc)
-            return info
-        info.interfaces.extend(interface_statuses(resolved, self.leases.ips(vm.id)))
-        return info
+            return ()
 
     # -- recovery -----------------------------------------------------------------------------
 

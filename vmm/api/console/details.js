@@ -153,8 +153,8 @@ export async function showDetails(id) {
   try { compose = JSON.parse(c.compose_file || "{}"); } catch { compose = {}; }
   const gpus = c.gpus ? (c.gpus.attach_mode === "all" ? "all" : (c.gpus.gpus || []).map((g) => g.slot).join(", ")) : "";
   const nics = (vm.interfaces && vm.interfaces.length)
-    ? vm.interfaces.map((n) => [n.mode, n.backend, n.mac, n.bridge_name || ""])
-    : (c.networks || []).map((n) => [n.mode, "", "", n.bridge_name || ""]);
+    ? vm.interfaces.map((n) => [n.mode, n.backend, n.mac, n.bridge_name || "", n.ip || ""])
+    : (c.networks || []).map((n) => [n.mode, "", "", n.bridge_name || "", ""]);
   box.replaceChildren(
     el("div", { class: "details-head" },
       el("h2", {}, vm.name),
@@ -178,7 +178,7 @@ export async function showDetails(id) {
         (c.ports || []).length ? table(["Protocol", "Host", "VM port"], c.ports.map((p) =>
           [p.protocol, `${p.host_address || "*"}:${p.host_port}`, p.vm_port])) : el("p", { class: "hint" }, "none"),
         el("h3", {}, "Network interfaces"),
-        nics.length ? table(["Mode", "Backend", "MAC", "Bridge"], nics)
+        nics.length ? table(["Mode", "Backend", "MAC", "Bridge", "Leased IP"], nics)
           : el("p", { class: "hint" }, `one NIC, the host's default${defaultNet ? ` (${defaultNet})` : ""}`),
         vm.status === "running" ? await guestSection(vm) : null)),
     el("h3", {}, "App compose ",
