@@ -138,7 +138,7 @@ def test_notify_updates_progress_events_and_instance_info(state: Path) -> None:
         # The ring keeps only event_buffer_size (5) events, newest last.
         assert len(vm.events) == 5
         assert vm.events[-1].event == "custom.thing"
-        status = manager.status(pb.StatusRequest(ids=[vm.id]))
+        status = manager.report.status(pb.StatusRequest(ids=[vm.id]))
         assert status.vms[0].instance_id == "bb" * 20
         assert status.vms[0].boot_error == "failed to start containers"
     asyncio.run(with_link(state, KeyProviderConfig(enabled=False), scenario))
@@ -161,7 +161,7 @@ def test_oversized_malformed_and_flooded_notifications(state: Path) -> None:
         for i in range(300):
             await guest.call("Notify", {"event": "boot.progress", "payload": f"step {i}"})
         assert vm.boot_progress == "step 299"
-        assert manager.status(pb.StatusRequest()).total == 1
+        assert manager.report.status(pb.StatusRequest()).total == 1
     asyncio.run(with_link(state, KeyProviderConfig(enabled=False), scenario))
 
 

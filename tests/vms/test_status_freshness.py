@@ -150,7 +150,7 @@ def test_reload_changes_show_in_the_next_status() -> None:
 def test_guest_notification_shows_in_the_next_status(state: Path) -> None:  # noqa: F811
     """A Notify from the guest (boot progress, error, instance info) is in the next Status."""
     def encoded(manager: Manager, vm: Vm) -> tuple[dict[str, Any], pb.VmInfo]:
-        reply = manager.status_encoded(pb.StatusRequest(ids=[vm.id]))
+        reply = manager.report.status_encoded(pb.StatusRequest(ids=[vm.id]))
         return (json.loads(reply.json())["vms"][0],
                 pb.StatusResponse.FromString(reply.protobuf()).vms[0])
 

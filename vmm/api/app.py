@@ -87,7 +87,7 @@ def build_app(daemon: Daemon) -> Starlette:
     guest_bridge = PrpcBridge(
         guest_api_pb2.DESCRIPTOR.services_by_name["ProxiedGuestApi"],
         GuestProxyServicer(lambda vm_id: daemon.manager.agent_for(vm_id),  # noqa: PLW0108
-                           host_nics=lambda vm_id: daemon.manager.host_nics(vm_id)),  # noqa: PLW0108
+                           host_nics=lambda vm_id: daemon.manager.report.host_nics(vm_id)),  # noqa: PLW0108
         max_body=config.max_request_body,
         body_budget=body_budget,
     )

@@ -202,13 +202,13 @@ class VmmServicer:
         return Empty()
 
     async def Status(self, request: pb.StatusRequest, ctx: CallContext) -> codec.Encoded:
-        return self.daemon.manager.status_encoded(request)
+        return self.daemon.manager.report.status_encoded(request)
 
     async def GetInfo(self, request: pb.Id, ctx: CallContext) -> pb.GetInfoResponse:
         vm = self.daemon.manager.vms.get(_vm_id(request))
         if vm is None:
             return pb.GetInfoResponse(found=False)
-        return pb.GetInfoResponse(found=True, info=self.daemon.manager.vm_info(vm, brief=False))
+        return pb.GetInfoResponse(found=True, info=self.daemon.manager.report.vm_info(vm, brief=False))
 
     async def UpdateVm(self, request: pb.UpdateVmRequest, ctx: CallContext) -> pb.Id:
         plan = await vm_update.apply(self.daemon.manager, vm_update.from_update_vm(request))

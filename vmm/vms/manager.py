@@ -14,8 +14,9 @@ Each VM has a lock that serialises its lifecycle calls; creation holds the regis
 it checks port conflicts and takes a CID, so two creates cannot claim the same resources.
 
 Beside this module: ``update`` (UpdateVm/ResizeVm), ``limits`` (capacity), ``reconcile``
-(load_all and ReloadVms), ``boot`` (the work directory before each boot), and the watcher's
-duties ``auto_restart`` and ``log_rotation``. Each gets the narrow part of the registry it needs.
+(load_all and ReloadVms), ``boot`` (the work directory before each boot), ``report`` (what
+Status, GetInfo and /guest/NetworkInfo say), and the ``watcher`` with its duties
+``auto_restart`` and ``log_rotation``. Each gets the narrow part of the registry it needs.
 """
 
 from __future__ import annotations
@@ -55,19 +56,16 @@ from vmm.model.vm import Vm
 from vmm.model.workdir import SharedFiles, Workdir, create_workdir, shown_path
 from vmm.net.forwards import Forwards
 from vmm.net.leases import LeaseBook, nic_of_mac
-from vmm.net.nics import ResolvedNic, host_nics, interface_statuses, resolve_networks
-from vmm.prpc import codec
-from vmm.rpc import guest_api_pb2 as gpb
+from vmm.net.nics import resolve_networks
 from vmm.rpc import vmm_rpc_pb2 as pb
-from vmm.vms import boot, limits, log_rotation, reconcile
+from vmm.vms import boot, limits, log_rotation, reconcile, watcher
 from vmm.vms.auto_restart import AutoRestart
 from vmm.vms.events import EventBus
+from vmm.vms.report import VmReport
 from vmm.vms.request import build_vm, describe_port, find_image, ports_clash
-from vmm.vms.status_cache import StatusCache
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL = 1.0
 AGENT_SHUTDOWN_TIMEOUT = 5.0
 REMOVE_POLL = 0.5
 # A SIGKILLed QEMU normally goes in milliseconds; one that does not is stuck in the kernel.
@@ -92,8 +90,6 @@ class Manager:
         self.auto_restart = AutoRestart(config.cvm.auto_restart, vms=self.vms.values,
                                         start=self.start)
         self.log_rotation = log_rotation.LogRotation(config.cvm.log, self.vms.values)
-        self.status_cache = StatusCache(
-            self.vms, lambda vm, brief, _channel, now: self.vm_info(vm, brief=brief, now=now))
         self.channels = ChannelHub(config, host, lookup=self.vms.get, cid_owner=self.cids.owner,
                                    set_desired=self.set_desired)
         # Bridge NICs' forwards follow leases and the lifecycle: each change recomputes them.
@@ -102,6 +98,7 @@ class Manager:
             lambda mac: nic_of_mac(self.vms.values(), config.cvm.networking, mac),
             on_change=self._lease_changed,
         )
+        self.report = VmReport(self.vms, config, host.channel, self.leases.ips)
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -442,56 +439,6 @@ class Manager:
         self.leases.forget(vm.id)
         await self.forwards.refresh()
 
-    # -- report -------------------------------------------------------------------------------
-
-    def status(self, request: pb.StatusRequest) -> pb.StatusResponse:
-        vms, total = self.select(request)
-        return pb.StatusResponse(
-            vms=[self.vm_info(vm, brief=request.brief) for vm in vms],
-            port_mapping_enabled=self.config.cvm.port_mapping.enabled,
-            total=total,
-        )
-
-    def status_encoded(self, request: pb.StatusRequest) -> codec.Encoded:
-        """Status as ``status`` answers it, from the per-VM cache of encodings (the RPC's path)."""
-        return self.status_cache.response(
-            request, self.select, guest_channel=self.host.channel,
-            port_mapping_enabled=self.config.cvm.port_mapping.enabled)
-
-    def select(self, request: pb.StatusRequest) -> tuple[list[Vm], int]:
-        """The VMs a Status request asks for, in order and paged, and how many matched."""
-        wanted = set(request.ids)
-        vms = [vm for vm in self.vms.values() if not wanted or vm.id in wanted]
-        if request.keyword:
-            word = request.keyword
-            vms = [vm for vm in vms if word in vm.manifest.name or word in vm.id
-                   or word in vm.manifest.app_id or word in vm.manifest.image]
-        vms.sort(key=lambda vm: (vm.manifest.created_at_ms, vm.id))
-        total = len(vms)
-        if request.page_size:
-            # Pages count from 1 as in dstack's UI; page 0 is also the first page.
-            first = (max(request.page, 1) - 1) * request.page_size
-            vms = vms[first : first + request.page_size]
-        return vms, total
-
-    def vm_info(self, vm: Vm, *, brief: bool, now: float | None = None) -> pb.VmInfo:
-        """Status/GetInfo's view of one VM, with every NIC (brief or not) and its leased IP."""
-        info = vm.info(brief=brief, guest_channel=self.host.channel, now=now)
-        info.interfaces.extend(interface_statuses(self._nics_of(vm), self.leases.ips(vm.id)))
-        return info
-
-    def host_nics(self, vm_id: str) -> list[gpb.HostNic]:
-        """The host's view of a VM's NICs with their leased IPs (/guest/NetworkInfo); 404 if unknown."""
-        vm = self.get(vm_id)
-        return host_nics(self._nics_of(vm), self.leases.ips(vm.id))
-
-    def _nics_of(self, vm: Vm) -> tuple[ResolvedNic, ...]:
-        try:
-            return resolve_networks(vm.manifest, self.config.cvm.networking)
-        except ValueError as exc:  # config changed under the VM (e.g. the default bridge gone)
-            log.warning("VM %s: cannot resolve its NICs: %s", vm.id, exc)
-            return ()
-
     # -- recovery -----------------------------------------------------------------------------
 
     async def load_all(self) -> None:
@@ -571,10 +518,12 @@ class Manager:
     def _event_ring(self) -> deque[pb.GuestEvent]:
         return deque(maxlen=self.config.event_buffer_size)
 
-    # -- watching -----------------------------------------------------------------------------
+    # -- watching (vmm.vms.watcher) ----------------------------------------------------------
 
     def start_watching(self) -> None:
-        self._watcher = asyncio.create_task(self._watch())
+        # forwards: a VM that powered off or crashed by itself loses its bridge forwards.
+        duties = (self.auto_restart.tick, self.log_rotation.tick, self.forwards.refresh)
+        self._watcher = asyncio.create_task(watcher.watch(self.refresh, duties))
 
     async def close(self) -> None:
         tasks = [t for vm in self.vms.values() for t in vm.background]
@@ -588,37 +537,9 @@ class Manager:
         await self.channels.close_all()
         await self.forwards.close()
 
-    async def _watch(self) -> None:
-        """Keep runtime states current so Status never asks the backend."""
-        while True:
-            try:
-                await self.refresh()
-            except BACKEND_FAILURES as exc:
-                log.warning("cannot refresh VM states: %s", exc.message)
-            except Exception:
-                log.exception("refreshing VM states failed")
-            # forwards: a VM that powered off or crashed by itself loses its bridge forwards.
-            for duty in (self.auto_restart.tick, self.log_rotation.tick, self.forwards.refresh):
-                try:
-                    await duty()
-                except Exception:
-                    log.exception("watcher duty %s failed", duty.__qualname__)
-            await asyncio.sleep(WATCH_INTERVAL)
-
     async def refresh(self) -> None:
-        # A VM that changed while the backend was asked (a StartVm or StopVm finished meanwhile)
-        # keeps what its call recorded: the listing may predate it. The next round reads it.
-        asked = {vm_id: vm.version for vm_id, vm in self.vms.items()}
-        runtimes = await self.backend.runtimes()
-        for vm in list(self.vms.values()):
-            if asked.get(vm.id) != vm.version:
-                continue
-            before = vm.running
-            vm.runtime = runtimes.get(vm.id)
-            if before and not vm.running and vm.runtime is not None:
-                vm.add_event("vmm.exited",
-                             f"QEMU {vm.runtime.status} ({vm.runtime.how_it_ended()})")
-                await self.channels.close(vm)
+        """Bring runtime states up to date from the backend (the watcher's first duty)."""
+        await watcher.refresh_runtimes(self.vms, self.backend.runtimes, self.channels.close)
 
 
 def _create_stamped(run_path: Path, manifest: Manifest, shared: SharedFiles,
