@@ -48,7 +48,9 @@ _MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | 
          | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
 _READ_SIZE = 64 * 1024
-# Reads per poll: unread events are read by the next poll, which only makes keys dirtier.
+# Reads per poll (the kernel queues ~16,000 events, a few reads' worth). A poll that stops
+# before the queue is empty counts as an overflow: an event left unread would let a key that
+# changed before the poll pass for clean.
 _MAX_READS = 64
 # statfs f_type of filesystems where another host may write without this kernel's knowledge.
 _REMOTE_FILESYSTEMS = frozenset({
@@ -131,15 +133,19 @@ class DirWatch:
         with self._lock:
             self._epoch += 1
             fd = self._open()
-            for _ in range(_MAX_READS if fd >= 0 else 0):
+            if fd < 0:
+                return self._epoch
+            for _ in range(_MAX_READS):
                 try:
                     data = os.read(fd, _READ_SIZE)
                 except BlockingIOError:
-                    break
+                    break  # drained
                 except OSError:
                     self._overflow_at = self._epoch  # cannot tell what was lost
                     break
                 self._parse(data)
+            else:
+                self._overflow_at = self._epoch  # events keep coming: treat as lost
             return self._epoch
 
     def _parse(self, data: bytes) -> None:

@@ -9,19 +9,23 @@ One procedure serves daemon start (``load_all``) and ReloadVms (``reload``):
    memory, so a reload with no edits reports nothing. A directory that no longer parses keeps
    its last good configuration (logged). Files are read only if their stamp (``disk_stamp``:
    inode, size, mtime and ctime of each file, and whether an update journal exists; taken
-   before reading) changed since the last reload read them: an unchanged VM costs a few
-   ``stat`` calls, so a reload with nothing changed takes milliseconds for 1,000 VMs. Every
-   write, the daemon's atomic renames as an operator's in-place edit, changes the stamp.
+   before reading) changed since the last reload read them. Every write, the daemon's atomic
+   renames as an operator's in-place edit, changes the stamp (``vm_files``). And a VM is
+   stamped only if inotify saw an event on those files since it was last found unchanged
+   (``DiskView``; all of them where inotify cannot tell): a reload with nothing changed costs
+   one poll of the event queue, not 6,000 ``stat`` calls, at 1,000 VMs.
 2. **CIDs are rebuilt** from the backend's running VMs and the VMs in memory. A
    running VM keeps its CID whoever else held it ("running wins"; the loser gets a fresh
    CID for its next start), a stopped VM keeps its own otherwise, and CIDs owned by nobody are
    freed. The CID of a running VM that has no directory (an orphan) stays reserved while it runs,
    so it is never handed to a second VM.
 3. **Vanished directories**: their VMs are forgotten (``removed``), after their QEMU is stopped and
-   dropped from the backend. Nothing on disk is touched.
+   dropped from the backend. Nothing on disk is touched. The run directory is listed again
+   only if it had events since its last listing.
 4. **New directories** are loaded (``loaded``): an update journal a crash left behind is rolled
-   forward first (``update.finish_pending``), then the VM is built by the registry
-   (``Registry.adopt``), adopting its QEMU if the backend runs it.
+   forward first (``update.finish_pending``), and the files are read in a worker thread
+   (``vm_files.read_new``); then the VM is built by the registry (``Registry.adopt``),
+   adopting its QEMU if the backend runs it.
 5. **Orphans**, VMs the backend runs with no loadable directory, are reported in the log and
    left alone: never stopped, never deleted (their directory may come back, or an operator may
    want to look at them).
@@ -239,22 +243,30 @@ def _read_changed(
         if now is not None and now == known_stamp:
             found.append((now, None))
         else:
-            found.append((now, _read_many([wd])[0]))
+            found.append(_read_one(wd, now))
     return found
 
 
 def _read_many(workdirs: list[Workdir]) -> list[_OnDisk | Exception | None]:
     """Each directory's manifest, desired state and shared files; None if it is gone."""
-    found: list[_OnDisk | Exception | None] = []
-    for wd in workdirs:
-        try:
-            finish_pending(wd)
-            found.append((wd.read_manifest(), wd.read_desired(), wd.read_shared()))
-        except FileNotFoundError:
-            found.append(None if not wd.path.exists() else FileNotFoundError(wd.manifest))
-        except (OSError, ManifestError) as exc:
-            found.append(exc)
-    return found
+    return [_read_one(wd, None)[1] for wd in workdirs]
+
+
+def _read_one(wd: Workdir, before: Stamp | None) -> tuple[Stamp | None,
+                                                          _OnDisk | Exception | None]:
+    """A pending update finished, then the stamp and the files (None if the directory is gone).
+
+    Stamped after the update is finished, so the stamp matches what is read (no second
+    re-read next time); ``before`` stands if the files cannot be read.
+    """
+    try:
+        if finish_pending(wd):
+            before = stamp(wd)
+        return before, (wd.read_manifest(), wd.read_desired(), wd.read_shared())
+    except FileNotFoundError:
+        return before, None if not wd.path.exists() else FileNotFoundError(wd.manifest)
+    except (OSError, ManifestError) as exc:
+        return before, exc
 
 
 def _swap(manager: Registry, vm: Vm, on_disk: _OnDisk | Exception | None) -> bool:
