@@ -181,6 +181,33 @@ def test_a_queue_overflow_makes_every_key_dirty(tmp_path: Path, watch: DirWatch)
     assert clean_after_poll(watch, "quiet")
 
 
+def test_polling_between_bursts_avoids_the_overflow(tmp_path: Path, watch: DirWatch) -> None:
+    """Two bursts of 60% of the queue each: read in between (the watcher's drain), nothing is
+    lost and a quiet key stays clean; read only at the end, they overflow it."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 200_000:
+        pytest.skip(f"max_queued_events is {limit}: too many events to force an overflow")
+    busy, quiet = tmp_path / "busy", tmp_path / "quiet"
+    busy.mkdir()
+    quiet.mkdir()
+    files = [busy / "serial.log", busy / "stdout.log"]
+    for path in files:
+        path.write_bytes(b"")
+
+    def burst() -> None:
+        for n in range(limit * 6 // 10):
+            os.utime(files[n % 2], ns=(n, n))
+
+    for drain_between in (True, False):
+        assert settled(watch, "busy", busy)  # the logs are not among its names
+        assert settled(watch, "quiet", quiet)
+        burst()
+        if drain_between:
+            watch.poll()
+        burst()
+        assert clean_after_poll(watch, "quiet") == drain_between
+
+
 def test_without_inotify_nothing_is_ever_clean(tmp_path: Path) -> None:
     """inotify unavailable: watch refuses, so every key is checked the slow way."""
     watch = DirWatch(enabled=False)

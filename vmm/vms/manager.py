@@ -573,7 +573,8 @@ class Manager:
             except Exception:
                 log.exception("refreshing VM states failed")
             # forwards: a VM that powered off or crashed by itself loses its bridge forwards.
-            for duty in (self.auto_restart.tick, self.log_rotation.tick, self.forwards.refresh):
+            for duty in (self.auto_restart.tick, self.log_rotation.tick, self.forwards.refresh,
+                         self.disk_view.drain):
                 try:
                     await duty()
                 except Exception:

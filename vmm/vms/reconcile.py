@@ -78,6 +78,15 @@ class DiskView:
         self.watch = watch if watch is not None else DirWatch()
         self.listing: frozenset[str] = frozenset()
 
+    async def drain(self) -> None:
+        """Read the events so far, so a busy directory cannot overflow the queue between reloads.
+
+        The manager's watcher calls it every second: a VM's serial log raises an event per
+        write, which only the poll's name filter discards.
+        """
+        if self.watch.available:
+            await asyncio.to_thread(self.watch.poll)
+
     def close(self) -> None:
         self.watch.close()
 
@@ -121,6 +130,8 @@ async def load_all(manager: Registry) -> ReloadResult:
     result = await reconcile(manager)
     log.info("loaded %d VMs (%d running)", len(manager.vms),
              sum(1 for vm in manager.vms.values() if vm.running))
+    if not manager.disk_view.watch.available:
+        log.info("inotify is unavailable: each ReloadVms will stat every VM's files")
     return result
 
 
