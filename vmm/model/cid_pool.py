@@ -17,15 +17,19 @@ class CidPool:
         self.start = start
         self.size = size
         self._owner: dict[int, str] = {}
+        # No CID below this one is free: loading 1,000 VMs allocates in linear time, not squared.
+        self._free_from = start
 
     def __len__(self) -> int:
         return len(self._owner)
 
     def allocate(self, owner: str) -> int:
-        for cid in range(self.start, self.start + self.size):
+        for cid in range(self._free_from, self.start + self.size):
             if cid not in self._owner:
                 self._owner[cid] = owner
+                self._free_from = cid + 1
                 return cid
+        self._free_from = self.start + self.size
         raise ResourceExhausted(
             f"CID pool exhausted: all {self.size} VM slots are in use (cvm.cid_pool_size)"
         )
@@ -53,9 +57,11 @@ class CidPool:
     def reset(self, owners: Mapping[int, str]) -> None:
         """Replace every assignment at once (reconciliation rebuilds the whole table)."""
         self._owner = {cid: owner for cid, owner in owners.items() if self.contains(cid)}
+        self._free_from = self.start
 
     def release(self, cid: int) -> None:
-        self._owner.pop(cid, None)
+        if self._owner.pop(cid, None) is not None:
+            self._free_from = min(self._free_from, cid)
 
     def owner(self, cid: int) -> str | None:
         return self._owner.get(cid)

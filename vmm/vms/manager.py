@@ -43,14 +43,13 @@ from vmm.core.exceptions import (
     Unavailable,
     VmNotFound,
 )
-from vmm.core.names import VM_ID, is_valid_name
 from vmm.guest.hub import ChannelHub
 from vmm.host import gpus
 from vmm.host.capabilities import HostCapabilities
 from vmm.model.cid_pool import CidPool
 from vmm.model.compose import compose_hash
 from vmm.model.images import Image
-from vmm.model.manifest import DesiredState, Manifest, ManifestError, PortMap
+from vmm.model.manifest import DesiredState, Manifest, PortMap
 from vmm.model.runtime import Runtime
 from vmm.model.vm import Vm
 from vmm.model.workdir import SharedFiles, Workdir, create_workdir, shown_path
@@ -58,7 +57,7 @@ from vmm.net.forwards import Forwards
 from vmm.net.leases import LeaseBook, nic_of_mac
 from vmm.net.nics import resolve_networks
 from vmm.rpc import vmm_rpc_pb2 as pb
-from vmm.vms import boot, limits, log_rotation, reconcile, watcher
+from vmm.vms import boot, limits, log_rotation, reconcile, vm_files, watcher
 from vmm.vms.auto_restart import AutoRestart
 from vmm.vms.events import EventBus
 from vmm.vms.report import VmReport
@@ -84,6 +83,8 @@ class Manager:
         self.cids = CidPool(config.cvm.cid_start, config.cvm.cid_pool_size)
         # Held while resources are compared across VMs (ports, capacity, CIDs) and VMs added.
         self.registry_lock = asyncio.Lock()
+        # Which VM directories changed since reconciliation last looked (ReloadVms skips the rest).
+        self.disk_view = reconcile.DiskView()
         self._watcher: asyncio.Task[None] | None = None
         # Every VM's events go through this bus (each Vm gets ``_publish`` as its hook).
         self.events = EventBus()
@@ -457,24 +458,16 @@ class Manager:
     def _leased_ips(self, vm_id: str) -> dict[int, str]:
         return self.leases.ips(vm_id)
 
-    def adopt(self, workdir: Workdir, runtime: Runtime | None,
+    def adopt(self, workdir: Workdir, runtime: Runtime | None, found: vm_files.Found,
               image_versions: dict[str, str] | None = None) -> Vm | None:
         """Load one work directory into the registry, with its QEMU if the backend runs it.
+
+        ``found`` is what the directory holds, read by reconcile (in a worker thread).
 
         ``image_versions`` memoises image name -> version over one reconciliation, so loading
         1,000 VMs of one image reads its metadata once.
         """
-        if not is_valid_name(workdir.id, VM_ID):
-            log.warning("leaving %s untouched: not a VM id", workdir.path)
-            return None
-        try:
-            stamp = reconcile.stamp(workdir)  # before reading: see reconcile
-            manifest = workdir.read_manifest()
-            desired = workdir.read_desired()
-            shared = workdir.read_shared()
-        except (OSError, ManifestError) as exc:
-            log.warning("leaving %s untouched: cannot load it: %s", workdir.path, exc)
-            return None
+        manifest, desired, shared = found.manifest, found.desired, found.shared
         if manifest.id != workdir.id:
             log.warning("leaving %s untouched: manifest id %r does not match the directory",
                         workdir.path, manifest.id)
@@ -497,9 +490,9 @@ class Manager:
                 image_version = ""
             known[manifest.image] = image_version
         vm = Vm(workdir=workdir, manifest=manifest, shared=shared, started=desired.started,
-                cid=cid, image_version=image_version, removing=workdir.is_removing,
+                cid=cid, image_version=image_version, removing=found.removing,
                 runtime=runtime, events=self._event_ring(), on_event=self._publish,
-                disk_stamp=stamp)
+                disk_stamp=found.stamp)
         if vm.running:
             vm.boot_progress = "running"
             vm.add_event("vmm.adopted", f"pid {runtime.pid if runtime else '?'}")
@@ -508,7 +501,8 @@ class Manager:
             # Not in the VM's ring (nothing happened to it), but watchers learn it is there.
             self.events.publish(vm.id, "vmm.loaded", "work directory loaded", status=vm.status)
         self.vms[manifest.id] = vm
-        self.leases.load(vm.id, workdir.leases)
+        if workdir.leases.name in found.names:  # most have none: no failing open per VM
+            self.leases.load(vm.id, workdir.leases)
         return vm
 
     def _publish(self, vm: Vm, event: pb.GuestEvent) -> None:
@@ -522,7 +516,9 @@ class Manager:
 
     def start_watching(self) -> None:
         # forwards: a VM that powered off or crashed by itself loses its bridge forwards.
-        duties = (self.auto_restart.tick, self.log_rotation.tick, self.forwards.refresh)
+        # disk_view: reading the inotify queue each second keeps busy logs from overflowing it.
+        duties = (self.auto_restart.tick, self.log_rotation.tick, self.forwards.refresh,
+                  self.disk_view.drain)
         self._watcher = asyncio.create_task(watcher.watch(self.refresh, duties))
 
     async def close(self) -> None:
@@ -536,6 +532,7 @@ class Manager:
                 await task
         await self.channels.close_all()
         await self.forwards.close()
+        self.disk_view.close()
 
     async def refresh(self) -> None:
         """Bring runtime states up to date from the backend (the watcher's first duty)."""
