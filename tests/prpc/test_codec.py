@@ -287,3 +287,13 @@ def test_deep_unknown_protobuf_groups_are_a_decode_error() -> None:
         codec.from_protobuf_bytes(body, pb.Id)
     with pytest.raises(DecodeError, match="bad UTF-8"):
         codec.from_protobuf_bytes(b"\x0a\x03\xed\xa0\x80", pb.Id)  # a surrogate, CESU-encoded
+
+
+def test_json_sent_as_protobuf_says_how_to_send_json() -> None:
+    """A JSON body without ?json or a JSON content type fails with a hint naming both."""
+    for body in (b"{}", b' {"id": "x"}', b"[1]"):
+        with pytest.raises(DecodeError, match=r"add \?json to the URL or send Content-Type"):
+            codec.from_protobuf_bytes(body, Empty if body == b"{}" else pb.Id)
+    with pytest.raises(DecodeError) as raised:
+        codec.from_protobuf_bytes(b"\x0a\xff", pb.Id)
+    assert "?json" not in raised.value.message  # binary garbage gets no JSON hint

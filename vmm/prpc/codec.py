@@ -247,7 +247,12 @@ def from_protobuf_bytes(body: bytes, message_class: type[Message]) -> Message:
         message.ParseFromString(body)
     except ProtobufDecodeError as exc:
         name = message.DESCRIPTOR.name
-        raise DecodeError(f"malformed protobuf body for {name}: {exc}") from None
+        hint = ""
+        if body.lstrip()[:1] in (b"{", b"["):
+            # curl -d sends form content-type: JSON then arrives where protobuf is expected.
+            hint = ("; the body looks like JSON: add ?json to the URL or send "
+                    "Content-Type: application/json")
+        raise DecodeError(f"malformed protobuf body for {name}: {exc}{hint}") from None
     # prost drops what it does not know; so do we, so nothing unknown is ever re-encoded.
     message.DiscardUnknownFields()
     return message
