@@ -137,16 +137,18 @@ class SerialTransport:
         self._closed = False
 
     async def exchange(self, path: str, content_type: str, body: bytes, timeout: float) -> Exchange:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         request_id = next(self._ids)
-        future: asyncio.Future[bytes] = loop.create_future()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            writer = await asyncio.wait_for(self._connected(), timeout)
-            writer.write(encode_frame(REQUEST, request_id, encode_request(path, content_type, body)))
-            await asyncio.wait_for(writer.drain(), max(deadline - loop.time(), 0.01))
-            payload = await asyncio.wait_for(future, max(deadline - loop.time(), 0.01))
+            # One deadline over the whole exchange. ``asyncio.wait_for`` per step would run each
+            # coroutine (connect, drain) as a task of its own: two more turns of the event loop
+            # and three timers per call, on a path whose every wake-up competes with the VM.
+            async with asyncio.timeout(timeout):
+                writer = await self._connected()
+                writer.write(encode_frame(REQUEST, request_id, encode_request(path, content_type, body)))
+                await writer.drain()
+                payload = await future
             return decode_response(payload)
         except TimeoutError:
             raise ChannelError(f"no answer within {timeout:g}s on {self.socket_path.name}") from None
@@ -156,6 +158,9 @@ class SerialTransport:
             self._pending.pop(request_id, None)
 
     async def _connected(self) -> asyncio.StreamWriter:
+        writer = self._writer
+        if writer is not None and not writer.is_closing() and not self._closed:
+            return writer  # the usual case: nothing to open, so no lock to take
         async with self._connect_lock:
             if self._closed:
                 raise ConnectionError("channel closed")

@@ -7,6 +7,7 @@ import json
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -215,4 +216,29 @@ def test_real_vsock_is_unavailable_here() -> None:
         client = GuestAgentClient(VsockHttpTransport(vsock_factory(1000)))
         with pytest.raises(ChannelError):
             await client.call("Info", timeout=5)
+    run(scenario())
+
+
+def test_a_call_on_an_open_channel_starts_no_task(short_dir: Path) -> None:
+    """Once connected, a serial call runs in its caller's task: no task per step, no extra turns."""
+    async def scenario() -> None:
+        server = await asyncio.start_unix_server(frame_peer, str(short_dir / "agent.sock"))
+        client = GuestAgentClient(SerialTransport(short_dir / "agent.sock"))
+        loop = asyncio.get_running_loop()
+        started: list[str] = []
+
+        def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[Any]:
+            started.append(coro.__qualname__)
+            return asyncio.Task(coro, loop=loop)
+
+        try:
+            await client.call("Ping")  # connects: the reader task and the peer's handler start
+            loop.set_task_factory(counting_factory)
+            for _ in range(3):
+                assert (await client.call("Ping"))["path"] == "/api/Ping?json"
+            assert started == []
+        finally:
+            loop.set_task_factory(None)
+            await client.close()
+            server.close()
     run(scenario())
