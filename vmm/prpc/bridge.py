@@ -27,11 +27,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
+from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -62,9 +63,12 @@ MEDIA_TYPES = {JSON_TYPE: JSON_TYPE.encode(), PROTOBUF_TYPE: PROTOBUF_TYPE.encod
 CallObserver = Callable[[str, str, float], None]
 
 
-@dataclass(frozen=True)
-class CallContext:
-    """What a servicer may want to know about the caller."""
+class CallContext(NamedTuple):
+    """What a servicer may want to know about the caller.
+
+    A named tuple (immutable, like a frozen dataclass) because every call builds one, and a
+    frozen dataclass's ``__init__`` costs several times a tuple's.
+    """
 
     request_id: str
     client: str
@@ -136,11 +140,13 @@ class PrpcBridge:
             raise UnknownMethod(name)
         return method
 
-    async def answer(self, request: Request) -> tuple[int, str, bytes]:
-        """(status, media type, body) for one HTTP call routed to ``<mount>/<Method>``."""
-        scope = request.scope
+    async def answer(self, scope: Scope, receive: Receive) -> tuple[int, str, bytes]:
+        """(status, media type, body) for one HTTP call routed to ``<mount>/<Method>``.
+
+        Works on the ASGI scope itself: a starlette Request is built only for a GET's query.
+        """
         content_type, declared = _content_headers(scope["headers"])
-        use_json = wants_json(request, content_type)
+        use_json = _wants_json(scope, content_type)
         query: str | None = None
         body = b""
         # The claim lasts until the handler is done: the body (and what is decoded from it) is
@@ -149,15 +155,15 @@ class PrpcBridge:
         claim = None if self.body_budget is None else BodyClaim(self.body_budget)
         try:
             if scope["method"] == "GET":
-                query = request.url.query
+                query = Request(scope, receive).url.query
             else:
                 try:
-                    body = await read_declared_body(request.receive, declared, self.max_body, claim)
+                    body = await read_declared_body(receive, declared, self.max_body, claim)
                 except VmmError as exc:
                     return error_parts(exc.message, exc.code, exc.status_code, use_json=use_json)
             return await self.dispatch(
                 scope["path_params"]["method"], body, use_json=use_json,
-                ctx=call_context(request), query=query,
+                ctx=_call_context(scope), query=query,
             )
         finally:
             if claim is not None:
@@ -226,7 +232,7 @@ class _BridgeApp:
         self.bridge = bridge
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        status, media_type, payload = await self.bridge.answer(Request(scope, receive))
+        status, media_type, payload = await self.bridge.answer(scope, receive)
         # The headers a starlette Response with this media type would carry, in its order.
         await send({
             "type": "http.response.start",
@@ -260,18 +266,19 @@ def _content_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str, str | None]:
     return content_type or "", length
 
 
-def wants_json(request: Request, content_type: str | None = None) -> bool:
-    """Whether the call is JSON. ``content_type``: the request's, if the caller already has it."""
-    scope = request.scope
+def wants_json(request: Request) -> bool:
+    """Whether the call is JSON: a GET, ``?json`` (empty, true or 1), or a JSON content type."""
+    return _wants_json(request.scope, _content_headers(request.scope["headers"])[0])
+
+
+def _wants_json(scope: Scope, content_type: str) -> bool:
     if scope["method"] == "GET":
         return True
     raw_query: bytes = scope.get("query_string", b"")
     # Parsing the query costs more than the rest of a small call: only when it may say json.
     if (b"json" in raw_query or b"%" in raw_query) and \
-            request.query_params.get("json", None) in ("", "true", "1"):
+            QueryParams(raw_query).get("json", None) in ("", "true", "1"):
         return True
-    if content_type is None:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     return content_type in (JSON_TYPE, "text/json") or content_type.endswith("+json")
 
 
@@ -316,13 +323,16 @@ async def read_declared_body(receive: Receive, declared: str | None, limit: int,
 
 
 def call_context(request: Request) -> CallContext:
-    scope = request.scope
+    return _call_context(request.scope)
+
+
+def _call_context(scope: Scope) -> CallContext:
     client = scope.get("client")
     return CallContext(
         # The scope's state dict, as Request.state wraps it, without building the wrapper.
         request_id=scope.get("state", {}).get("request_id", ""),
         client=f"{client[0]}:{client[1]}" if client else "unix",
-        headers=request.headers,
+        headers=Headers(scope=scope),  # what Request.headers is
     )
 
 
