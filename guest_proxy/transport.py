@@ -123,13 +123,82 @@ class VsockHttpTransport:
         """Nothing is kept open between calls."""
 
 
+class _FrameChannel(asyncio.Protocol):
+    """One connection to a VM's serial port: answers are matched to their calls as bytes arrive.
+
+    A protocol rather than a reader task: an answer resolves its call's future inside
+    ``data_received``, so the caller runs in the next turn of the event loop, with no task to
+    wake in between.
+    """
+
+    def __init__(self, pending: dict[int, asyncio.Future[bytes]], socket_path: Path) -> None:
+        self._pending = pending
+        self._socket_path = socket_path
+        self._decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self._paused = False
+        self._drained: list[asyncio.Future[None]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self._decoder.feed(data):
+            future = self._pending.get(frame.id) if frame.kind == RESPONSE else None
+            if future is not None and not future.done():
+                future.set_result(frame.payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._decoder.skipped:
+            log.info("%s: skipped %d stray bytes", self._socket_path, self._decoder.skipped)
+        # Calls in flight cannot be answered on this connection any more: fail them now rather
+        # than at their timeout.
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the VM side closed the channel"))
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for waiter in self._drained:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drained.clear()
+
+    def is_open(self) -> bool:
+        return not self.lost and self.transport is not None and not self.transport.is_closing()
+
+    def send(self, data: bytes) -> None:
+        if self.transport is None or self.lost:
+            raise ConnectionError("the VM side closed the channel")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Return once the kernel has room for more (at once, unless QEMU stopped reading)."""
+        while self._paused:
+            waiter = asyncio.get_running_loop().create_future()
+            self._drained.append(waiter)
+            await waiter
+        if self.lost:
+            raise ConnectionError("the VM side closed the channel")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 class SerialTransport:
     """Frames over the Unix socket QEMU serves for a virtio-serial port; calls multiplexed."""
 
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._channel: _FrameChannel | None = None
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         # Random start: ids from before a daemon restart never match this run's calls.
         self._ids = itertools.count(random.getrandbits(48))
@@ -137,16 +206,18 @@ class SerialTransport:
         self._closed = False
 
     async def exchange(self, path: str, content_type: str, body: bytes, timeout: float) -> Exchange:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         request_id = next(self._ids)
-        future: asyncio.Future[bytes] = loop.create_future()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            writer = await asyncio.wait_for(self._connected(), timeout)
-            writer.write(encode_frame(REQUEST, request_id, encode_request(path, content_type, body)))
-            await asyncio.wait_for(writer.drain(), max(deadline - loop.time(), 0.01))
-            payload = await asyncio.wait_for(future, max(deadline - loop.time(), 0.01))
+            # One deadline over the whole exchange. ``asyncio.wait_for`` per step would run each
+            # coroutine (connect, drain) as a task of its own: two more turns of the event loop
+            # and three timers per call, on a path whose every wake-up competes with the VM.
+            async with asyncio.timeout(timeout):
+                channel = await self._connected()
+                channel.send(encode_frame(REQUEST, request_id, encode_request(path, content_type, body)))
+                await channel.drain()
+                payload = await future
             return decode_response(payload)
         except TimeoutError:
             raise ChannelError(f"no answer within {timeout:g}s on {self.socket_path.name}") from None
@@ -155,47 +226,24 @@ class SerialTransport:
         finally:
             self._pending.pop(request_id, None)
 
-    async def _connected(self) -> asyncio.StreamWriter:
+    async def _connected(self) -> _FrameChannel:
+        channel = self._channel
+        if channel is not None and channel.is_open() and not self._closed:
+            return channel  # the usual case: nothing to open, so no lock to take
         async with self._connect_lock:
             if self._closed:
                 raise ConnectionError("channel closed")
-            if self._writer is not None and not self._writer.is_closing():
-                return self._writer
-            reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
-            self._writer = writer
-            self._reader_task = asyncio.create_task(self._read(reader, writer))
-            return writer
-
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        decoder = FrameDecoder()
-        try:
-            while data := await reader.read(65536):
-                for frame in decoder.feed(data):
-                    future = self._pending.get(frame.id) if frame.kind == RESPONSE else None
-                    if future is not None and not future.done():
-                        future.set_result(frame.payload)
-        except (OSError, ConnectionError):
-            pass
-        finally:
-            if decoder.skipped:
-                log.info("%s: skipped %d stray bytes", self.socket_path, decoder.skipped)
-            if self._writer is writer:
-                self._writer = None
-            writer.close()
-            # Calls in flight cannot be answered on this connection any more: fail them now
-            # rather than at their timeout.
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(ConnectionError("the VM side closed the channel"))
+            if self._channel is not None and self._channel.is_open():
+                return self._channel
+            _, channel = await asyncio.get_running_loop().create_unix_connection(
+                lambda: _FrameChannel(self._pending, self.socket_path), str(self.socket_path))
+            self._channel = channel
+            return channel
 
     async def close(self) -> None:
         self._closed = True
-        if self._writer is not None:
-            self._writer.close()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader_task
+        if self._channel is not None:
+            self._channel.close()
 
 
 class AgentError(Unavailable):

@@ -7,6 +7,7 @@ import json
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -216,3 +217,88 @@ def test_real_vsock_is_unavailable_here() -> None:
         with pytest.raises(ChannelError):
             await client.call("Info", timeout=5)
     run(scenario())
+
+
+def test_a_call_on_an_open_channel_starts_no_task(short_dir: Path) -> None:
+    """Once connected, a serial call runs in its caller's task: no task per step, no extra turns."""
+    async def scenario() -> None:
+        server = await asyncio.start_unix_server(frame_peer, str(short_dir / "agent.sock"))
+        client = GuestAgentClient(SerialTransport(short_dir / "agent.sock"))
+        loop = asyncio.get_running_loop()
+        started: list[str] = []
+
+        def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[Any]:
+            started.append(coro.__qualname__)
+            return asyncio.Task(coro, loop=loop)
+
+        try:
+            await client.call("Ping")  # connects: the reader task and the peer's handler start
+            loop.set_task_factory(counting_factory)
+            for _ in range(3):
+                assert (await client.call("Ping"))["path"] == "/api/Ping?json"
+            assert started == []
+        finally:
+            loop.set_task_factory(None)
+            await client.close()
+            server.close()
+    run(scenario())
+
+
+class AnsweringPeer(asyncio.Protocol):
+    """A serial-port peer that answers each request within the turn its bytes arrive in."""
+
+    def __init__(self) -> None:
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        for frame in self.decoder.feed(data):
+            answer = encode_response(200, "application/json", b'{"pong": true}')
+            self.transport.write(encode_frame(RESPONSE, frame.id, answer))
+
+
+def test_an_answer_reaches_its_caller_in_the_next_turn(short_dir: Path) -> None:
+    """A call takes three turns of the event loop: its own, the peer's, and its answer's."""
+    async def scenario() -> list[int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(AnsweringPeer, str(short_dir / "agent.sock"))
+        client = GuestAgentClient(SerialTransport(short_dir / "agent.sock"))
+        turns = 0
+        ticking = True
+
+        def tick() -> None:
+            nonlocal turns
+            turns += 1
+            if ticking:
+                loop.call_soon(tick)
+
+        try:
+            await client.call("Ping")  # connects
+            counts = []
+            for _ in range(3):
+                loop.call_soon(tick)
+                turns = 0
+                assert await client.call("Ping") == {"pong": True}
+                counts.append(turns)
+                ticking = False
+                await asyncio.sleep(0)  # the ticker stops
+                ticking = True
+            return counts
+        finally:
+            await client.close()
+            server.close()
+
+    counts: list[int] = []
+
+    async def keep() -> None:
+        counts.extend(await scenario())
+
+    run(keep())
+    # With asyncio.wait_for per step and a reader task a call took eight: a task each for the
+    # connect check and the drain, and the reader task woke before it resolved the call.
+    assert counts == [3, 3, 3]

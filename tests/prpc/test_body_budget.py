@@ -168,3 +168,24 @@ def test_a_small_body_fits_beside_one_held_body(daemon: DaemonProcess) -> None:
                 assert answer.status_code == 200, answer.text
     finally:
         holder.close()
+
+
+def test_cover_now_takes_what_fits_and_leaves_the_rest_to_cover() -> None:
+    """cover_now holds bytes that fit at once; past the capacity it takes nothing and says so."""
+
+    async def scenario() -> None:
+        budget = BodyBudget(100, wait=0)
+        claim = budget.claim()
+        assert claim.cover_now(60) and budget.in_use == 60
+        assert claim.cover_now(40) and budget.in_use == 60  # already held
+        other = budget.claim()
+        assert not other.cover_now(50)
+        assert (other.held, budget.in_use) == (0, 60)
+        with pytest.raises(Unavailable):
+            await other.cover(50)  # what a caller does next: wait (here 0 s), then 503
+        claim.release()
+        assert other.cover_now(50) and budget.in_use == 50
+        other.release()
+        assert budget.in_use == 0
+
+    run(scenario())

@@ -297,3 +297,20 @@ def test_json_sent_as_protobuf_says_how_to_send_json() -> None:
     with pytest.raises(DecodeError) as raised:
         codec.from_protobuf_bytes(b"\x0a\xff", pb.Id)
     assert "?json" not in raised.value.message  # binary garbage gets no JSON hint
+
+
+def test_plain_values_decode_to_what_they_say() -> None:
+    """Strings, in-range integers and bools (decoded without the general path) land as given."""
+    value = {
+        "os_name": "Debian GNU/Linux", "os_version": "", "num_cpus": 2,
+        "total_memory": 2**64 - 1, "free_memory": 0, "uptime": 17, "loadavg_one": 2**32 - 1,
+        "disks": [{"name": "vda", "mount_point": "/", "total_size": 2**40, "free_size": 1}],
+    }
+    message = codec.from_json_value(value, gpb.SystemInfo)
+    assert isinstance(message, gpb.SystemInfo)
+    encoded = json.loads(codec.to_json_bytes(message))
+    assert encoded | value == encoded
+    assert message.total_memory == 2**64 - 1 and message.num_cpus == 2
+    flags = codec.from_json_value({"stopped": True, "no_tee": False, "name": "é"}, pb.VmConfiguration)
+    assert isinstance(flags, pb.VmConfiguration)
+    assert (flags.stopped, flags.no_tee, flags.name) == (True, False, "é")

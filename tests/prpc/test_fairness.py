@@ -119,3 +119,17 @@ def test_read_methods_are_methods_of_the_service() -> None:
     names = {m.name for m in vmm_rpc_pb2.DESCRIPTOR.services_by_name["Vmm"].methods}
     assert names >= READ_METHODS
     assert not READ_METHODS & {"CreateVm", "UpdateVm", "RemoveVm", "StartVm", "StopVm"}
+
+
+def test_admit_now_counts_against_the_turn_share_and_never_admits_writes() -> None:
+    """admit_now lets reads in while the turn has room, counting them; a write is never let in."""
+    async def scenario() -> list[bool]:
+        gate = ReadGate(frozenset({"Status"}), per_turn=2)
+        seen = [gate.admit_now("Status"), gate.admit_now("Status"), gate.admit_now("Status")]
+        seen.append(gate.admit_now("CreateVm"))  # a write: run() counts it instead
+        assert gate.writing == 0
+        await asyncio.sleep(0)  # the next turn has room again
+        seen.append(gate.admit_now("Status"))
+        return seen
+
+    assert asyncio.run(scenario()) == [True, True, False, False, True]

@@ -10,6 +10,7 @@ exhausted the daemon's descriptors. ``GuardedH11Protocol`` adds:
   kept-alive connection) until the request head is complete; then the client gets a 408;
 - a body deadline, from the end of the head until the end of the body; then the connection is
   closed, and the handler already running sees the client leave;
+- one write per response (``vmm.api.write_batch``) instead of one per part;
 - a cap per listener: a connection past it makes room by closing the listener's connection
   that has waited longest for a request head (the cheapest to lose and, under a slow-client
   flood, almost surely part of it); when every connection is busy the newcomer gets a 503.
@@ -33,6 +34,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from vmm.api.middleware import SECURITY_HEADERS
+from vmm.api.write_batch import BatchedWrites
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,9 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # Every write from here on, uvicorn's included, goes through the batch.
+        self.batch = BatchedWrites(transport, self.loop)
+        self.transport = self.batch
         if not self.slots.admit(self):
             message = f"too many connections ({self.slots.cap}); retry shortly"
             transport.write(plain_response(503, message))
@@ -184,6 +189,7 @@ class GuardedH11Protocol(H11Protocol):
         self._follow_request()
 
     def on_response_complete(self) -> None:
+        self.batch.flush()  # the whole response leaves now, in one write
         super().on_response_complete()
         if self.transport.is_closing():
             return

@@ -53,10 +53,17 @@ class Metrics:
             ["side", "method"], registry=self.registry,
         )
         self.registry.register(_DaemonState(daemon))
+        # The labelled series of each (method, code) seen: ``labels()`` costs more than the
+        # increments. Bounded: methods are the service's (or "(unknown)"), codes the error map's.
+        self._rpc_series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        self.rpc_requests.labels(method, code).inc()
-        self.rpc_seconds.labels(method).observe(seconds)
+        series = self._rpc_series.get((method, code))
+        if series is None:
+            series = self._rpc_series[method, code] = (
+                self.rpc_requests.labels(method, code), self.rpc_seconds.labels(method))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def observe_guest_call(self, method: str, code: str, seconds: float) -> None:
         if code in GUEST_CHANNEL_FAILURES:

@@ -32,6 +32,13 @@ class BodyBudget:
         """
         return BodyClaim(self)
 
+    def take_now(self, size: int) -> bool:
+        """Take ``size`` bytes if they fit now; False if taking them means waiting or refusing."""
+        if self.in_use + size > self.capacity:
+            return False
+        self.in_use += size
+        return True
+
     async def acquire(self, size: int) -> None:
         if size > self.capacity:
             raise PayloadTooLarge(f"payload too large: {size} bytes ({SETTING} {self.capacity})")
@@ -78,8 +85,21 @@ class BodyClaim:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._budget.release(self.held)
-        self.held = 0
+        self.release()
+
+    def release(self) -> None:
+        """Give back all the claim holds (what ``async with`` does on exit)."""
+        if self.held:
+            self._budget.release(self.held)
+            self.held = 0
+
+    def cover_now(self, size: int) -> bool:
+        """:meth:`cover` without waiting: False if that would wait (or refuse); then call it."""
+        if size > self.held:
+            if not self._budget.take_now(size - self.held):
+                return False
+            self.held = size
+        return True
 
     async def cover(self, size: int) -> None:
         """Hold at least ``size`` bytes, waiting for the difference if need be."""

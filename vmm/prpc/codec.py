@@ -258,6 +258,30 @@ def from_protobuf_bytes(body: bytes, message_class: type[Message]) -> Message:
     return message
 
 
+# A singular field that takes a JSON value as is when it has the plain type: a string, an
+# integer (range-checked), a bool. Anything else takes the general path, which also words errors.
+_TAKES_STR, _TAKES_INT, _TAKES_BOOL, _GENERAL = range(4)
+# Per message type: JSON key -> (field, how it takes a value, lowest and highest integer).
+_DecodePlan = dict[str, tuple[FieldDescriptor, int, int, int]]
+_DECODE_PLANS: dict[Descriptor, _DecodePlan] = {}
+
+
+def _decode_plan(descriptor: Descriptor) -> _DecodePlan:
+    plan: _DecodePlan = {}
+    for field in descriptor.fields:
+        takes, low, high = _GENERAL, 0, 0
+        if not field.is_repeated:
+            if field.type == FieldDescriptor.TYPE_STRING:
+                takes = _TAKES_STR
+            elif field.type == FieldDescriptor.TYPE_BOOL:
+                takes = _TAKES_BOOL
+            elif field.type in _INT_RANGES:
+                takes = _TAKES_INT
+                _, low, high = _INT_RANGES[field.type]
+        plan[field.name] = (field, takes, low, high)
+    return plan
+
+
 def _fill_message(message: Message, value: Any, path: str, *, from_query: bool) -> None:
     descriptor = _descriptor(message)
     if not isinstance(value, dict):
@@ -265,9 +289,22 @@ def _fill_message(message: Message, value: Any, path: str, *, from_query: bool) 
         if path:
             raise InvalidField(path, reason)
         raise DecodeError(f"the request body must be a JSON object: {reason}")
+    plan = _DECODE_PLANS.get(descriptor)
+    if plan is None:
+        plan = _DECODE_PLANS[descriptor] = _decode_plan(descriptor)
     for key, item in value.items():
-        field = descriptor.fields_by_name.get(key)
-        if field is None:
+        entry = plan.get(key)
+        if entry is None:
+            continue
+        field, takes, low, high = entry
+        # The common case, decided without building the field's path (guest answers are mostly
+        # plain strings and integers): exactly what ``_scalar`` would accept and return.
+        if not from_query and (
+            (takes == _TAKES_STR and type(item) is str and item.isascii())
+            or (takes == _TAKES_INT and type(item) is int and low <= item <= high)
+            or (takes == _TAKES_BOOL and type(item) is bool)
+        ):
+            setattr(message, field.name, item)
             continue
         field_path = f"{path}.{key}" if path else key
         _fill_field(message, field, item, field_path, from_query=from_query)

@@ -84,6 +84,18 @@ class ReadGate:
             raise
         return await call
 
+    def admit_now(self, method: str) -> bool:
+        """Admit a read of ``method`` at once if this turn has room; False for any other call.
+
+        The fast path of :meth:`run` for callers that await the handler themselves: on False
+        they go through ``run``, which queues a read or counts a write.
+        """
+        if method in self.reads and self._used < self.share and not self._queue:
+            self._used += 1
+            self._schedule()
+            return True
+        return False
+
     async def admit(self) -> None:
         """Return when this read may run: at once, unless the turn's share is used up."""
         if self._used < self.share and not self._queue:
