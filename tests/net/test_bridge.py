@@ -143,8 +143,8 @@ def boot_and_lease(net: Net, daemon: DaemonProcess, **fields: Any) -> tuple[str,
 
 def test_bridge_forward_through_nft_follows_leases_and_lifecycle(net: Net) -> None:
     """user + bridge NICs, each mapped; the bridge forward is nft DNAT to the leased IP, gone at
-    stop, back at start, kept over a daemon restart, dropped by del; a removed VM's lease is
-    ignored."""
+    stop, back at start, kept over a daemon restart, moved by a new lease, dropped by del; a
+    removed VM's lease is ignored."""
     daemon = start(net, "nft")
     try:
         vm_id, mac, ip = boot_and_lease(net, daemon, networks=[{"mode": "bridge"}, {"mode": "user"}],
@@ -173,6 +173,14 @@ def test_bridge_forward_through_nft_follows_leases_and_lifecycle(net: Net) -> No
         assert rule in nft_rules(net)
         assert nics(daemon, vm_id)[0]["ip"] == ip
         wait_for("the guest after the restart", lambda: guest_http(net, BRIDGE_PORT), timeout=120)
+
+        # A changed lease moves the forward (and a lease back moves it back).
+        moved = "10.88.0.200"
+        assert hook(net, "add", mac, moved).returncode == 0
+        assert f"tcp dport {BRIDGE_PORT} dnat to {moved}:8080" in nft_rules(net)
+        assert rule not in nft_rules(net)
+        assert hook(net, "add", mac, ip).returncode == 0
+        assert rule in nft_rules(net) and moved not in nft_rules(net)
 
         assert hook(net, "del", mac, ip).returncode == 0
         assert rule not in nft_rules(net)
