@@ -19,12 +19,10 @@ from guest_agent.framing import (
     encode_frame,
     encode_request,
 )
-from tests.conftest import populate_images
-from tests.support.daemon_proc import kill_vm_processes
+from tests.support.in_process import in_process_config, state_dir
 from tests.support.key_provider_peer import key_provider_peer, sealed_for
-from tests.support.short_dirs import short_dir
 from vmm.backend.qemu.backend import QemuBackend
-from vmm.core.config import Config, ImageConfig, KeyProviderConfig, SupervisorConfig
+from vmm.core.config import Config, KeyProviderConfig
 from vmm.guest.host_api import HostApiLink
 from vmm.host.capabilities import detect
 from vmm.model.vm import Vm
@@ -37,27 +35,12 @@ COMPOSE = json.dumps({"gateway_enabled": True, "runner": "docker-compose"})
 
 @pytest.fixture
 def state() -> Iterator[Path]:
-    with short_dir("ha") as path:
-        try:
-            yield path
-        finally:
-            kill_vm_processes(path)
+    with state_dir("ha") as path:
+        yield path
 
 
 def make_config(state: Path, key_provider: KeyProviderConfig) -> Config:
-    if not (state / "images").exists():
-        populate_images(state / "images")
-    run = state / "run"
-    return Config(
-        run_path=str(state / "vm"),
-        image=ImageConfig(path=str(state / "images")),
-        supervisor=SupervisorConfig(
-            sock=str(run / "supervisor.sock"), pid_file=str(run / "supervisor.pid"),
-            log_file=str(run / "supervisor.log"), state_file=str(run / "supervisor-state.json"),
-        ),
-        key_provider=key_provider,
-        event_buffer_size=5,
-    )
+    return in_process_config(state, key_provider=key_provider, event_buffer_size=5)
 
 
 class Guest:

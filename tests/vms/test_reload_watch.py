@@ -17,12 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import populate_images
-from tests.support.daemon_proc import kill_vm_processes
-from tests.support.short_dirs import short_dir
+from tests.support.in_process import in_process_config, state_dir
 from tests.support.vm_ops import FAKE_IMAGE
 from vmm.backend.qemu.backend import QemuBackend
-from vmm.core.config import Config, ImageConfig, SupervisorConfig
 from vmm.core.inotify import DirWatch
 from vmm.host.capabilities import detect
 from vmm.model.workdir import Workdir
@@ -40,24 +37,8 @@ MODES = ("inotify", "watch limit", "no inotify", "overflow")
 
 @pytest.fixture
 def state() -> Iterator[Path]:
-    with short_dir("rw") as path:
-        try:
-            yield path
-        finally:
-            kill_vm_processes(path)
-
-
-def make_config(state: Path) -> Config:
-    populate_images(state / "images")
-    run = state / "run"
-    return Config(
-        run_path=str(state / "vm"),
-        image=ImageConfig(path=str(state / "images")),
-        supervisor=SupervisorConfig(
-            sock=str(run / "supervisor.sock"), pid_file=str(run / "supervisor.pid"),
-            log_file=str(run / "supervisor.log"), state_file=str(run / "supervisor-state.json"),
-        ),
-    )
+    with state_dir("rw") as path:
+        yield path
 
 
 def watch_for(mode: str) -> DirWatch:
@@ -118,7 +99,7 @@ def test_every_kind_of_change_is_reloaded(state: Path, mode: str) -> None:
         pytest.skip("inotify is not available here")
 
     async def scenario() -> None:
-        config = make_config(state)
+        config = in_process_config(state)
         supervisor = await ensure_supervisor(
             Path(config.supervisor.sock), Path(config.supervisor.pid_file),
             Path(config.supervisor.log_file), state_file=Path(config.supervisor.state_file),
