@@ -5,11 +5,11 @@ Every backend runs QEMU, so every backend makes and grows its disks the same way
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from vmm.backend.base import LaunchSpec
 from vmm.core.exceptions import Unavailable
+from vmm.core.host_tool import run_host_tool
 from vmm.model.workdir import Workdir
 
 QEMU_IMG_TIMEOUT = 120.0
@@ -39,14 +39,9 @@ def _qemu_opt(value: object) -> str:
 
 async def run_tool(argv: list[str], timeout: float) -> None:
     """Run a host tool to completion; Unavailable with its output's tail if it fails or hangs."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
     try:
-        output, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        status, output = await run_host_tool(argv, timeout, merge_output=True)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise Unavailable(f"{argv[0]} timed out after {timeout:g}s") from None
-    if proc.returncode != 0:
+    if status != 0:
         raise Unavailable(f"{' '.join(argv[:3])} failed: {output.decode(errors='replace')[-500:]}")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from vmm.core.config import NetworkingConfig
+from vmm.core.host_tool import run_host_tool
 from vmm.model.vm import Vm
 from vmm.net.nics import resolve_networks
 from vmm.net.proxy import UserspaceForwarder
@@ -117,18 +118,11 @@ def nft_script(forwards: Iterable[Forward], table: str = TABLE) -> str:
 
 
 async def run_nft(script: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "nft", "-f", "-", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
     try:
-        async with asyncio.timeout(NFT_TIMEOUT):
-            _, err = await proc.communicate(script.encode())
+        status, err = await run_host_tool(["nft", "-f", "-"], NFT_TIMEOUT, stdin=script.encode())
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise OSError(f"nft: no answer within {NFT_TIMEOUT:g}s") from None
-    if proc.returncode != 0:
+    if status != 0:
         raise OSError(f"nft: {err.decode(errors='replace').strip()}")
 
 

@@ -13,6 +13,8 @@ import hashlib
 import logging
 from pathlib import Path
 
+from vmm.core.host_tool import run_host_tool
+
 log = logging.getLogger(__name__)
 
 SYS_NET = Path("/sys/class/net")
@@ -25,17 +27,11 @@ def tap_name(vm_id: str, index: int) -> str:
 
 
 async def _ip(*args: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "ip", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
     try:
-        async with asyncio.timeout(IP_TIMEOUT):
-            _, err = await proc.communicate()
+        status, err = await run_host_tool(["ip", *args], IP_TIMEOUT)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise OSError(f"ip {' '.join(args)}: no answer within {IP_TIMEOUT:g}s") from None
-    if proc.returncode != 0:
+    if status != 0:
         raise OSError(f"ip {' '.join(args)}: {err.decode(errors='replace').strip()}")
 
 
