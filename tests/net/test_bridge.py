@@ -123,6 +123,20 @@ def hook(net: Net, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=30, check=False)  # fmt: skip
 
 
+def reached_both_ways(net: Net, daemon: DaemonProcess, vm_id: str,
+                      ip: str) -> tuple[str, list[dict[str, Any]]]:
+    """Wait until the guest answers through the bridge's nft forward and through the user NIC;
+    return the DNAT rule (checked present) and /guest/NetworkInfo's host_nics."""
+    wait_for("the guest through the bridge forward", lambda: guest_http(net, BRIDGE_PORT),
+             timeout=120)  # fmt: skip
+    rule = f"tcp dport {BRIDGE_PORT} dnat to {ip}:8080"
+    assert rule in nft_rules(net)
+    wait_for("the guest through the user NIC", lambda: guest_http(net, USER_PORT), timeout=60)
+    listed: list[dict[str, Any]] = wait_for("/guest/NetworkInfo", lambda: host_nics(daemon, vm_id),
+                                            timeout=60)  # fmt: skip
+    return rule, listed
+
+
 def boot_and_lease(net: Net, daemon: DaemonProcess, **fields: Any) -> tuple[str, str, str]:
     """Create and boot a VM; wait until dnsmasq's hook reported its bridge NIC's lease."""
     body = {"name": "br", "image": net.image_dir.name, "compose_file": COMPOSE, "vcpu": 1,
@@ -153,12 +167,7 @@ def test_bridge_forward_through_nft_follows_leases_and_lifecycle(net: Net) -> No
                                                {"protocol": "tcp", "host_port": BRIDGE_PORT,
                                                 "vm_port": 8080, "nic": 0}])  # fmt: skip
         assert ip.startswith("10.88.0.")
-        wait_for("the guest through the bridge forward", lambda: guest_http(net, BRIDGE_PORT),
-                 timeout=120)  # fmt: skip
-        rule = f"tcp dport {BRIDGE_PORT} dnat to {ip}:8080"
-        assert rule in nft_rules(net)
-        wait_for("the guest through the user NIC", lambda: guest_http(net, USER_PORT), timeout=60)
-        listed = wait_for("/guest/NetworkInfo", lambda: host_nics(daemon, vm_id), timeout=60)
+        rule, listed = reached_both_ways(net, daemon, vm_id, ip)
         assert listed[0] == {"index": 0, "mode": "bridge", "mac": mac, "bridge": "br0", "ip": ip}
         assert listed[1]["mode"] == "user" and listed[1]["ip"] == ""
 
@@ -257,12 +266,7 @@ def test_bridge_forward_under_libvirt(net: Net) -> None:
             assert tap in ns_run(net.ns, "ip", "-o", "link", "show", "master", "br0").stdout
             tap_mac = ns_run(net.ns, "cat", f"/sys/class/net/{tap}/address").stdout.strip()
 
-            wait_for("the guest through the bridge forward", lambda: guest_http(net, BRIDGE_PORT),
-                     timeout=120)  # fmt: skip
-            rule = f"tcp dport {BRIDGE_PORT} dnat to {ip}:8080"
-            assert rule in nft_rules(net)
-            wait_for("the guest through the user NIC", lambda: guest_http(net, USER_PORT), timeout=60)
-            listed = wait_for("/guest/NetworkInfo", lambda: host_nics(daemon, vm_id), timeout=60)
+            rule, listed = reached_both_ways(net, daemon, vm_id, ip)
             assert listed[1] == {"index": 1, "mode": "bridge", "mac": mac, "bridge": "br0", "ip": ip}
 
             rpc(daemon, "StopVm", {"id": vm_id})
