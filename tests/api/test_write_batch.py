@@ -13,7 +13,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.server import ServerState
 
-from vmm.api.connection_guard import Deadlines, GuardedH11Protocol, ListenerSlots, protocol_factory
+from vmm.api.connection_guard import Deadlines, GuardedHttpProtocol, ListenerSlots, protocol_factory
 from vmm.api.write_batch import FLUSH_AT, BatchedWrites
 
 
@@ -42,7 +42,7 @@ async def serve_one(path: str) -> tuple[bytes, int]:
     ours, theirs = socket.socketpair()
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.connect_accepted_socket(factory, sock=ours)
-    assert isinstance(protocol, GuardedH11Protocol)
+    assert isinstance(protocol, GuardedHttpProtocol)
     reader, writer = await asyncio.open_connection(sock=theirs)
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
