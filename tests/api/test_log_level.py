@@ -57,3 +57,16 @@ def test_set_log_level_applies_without_restart(daemon: DaemonProcess) -> None:
         assert "`level`" in message and "debug, info, warning, error" in message
         assert rpc(client, "GetMeta")["log_level"] == "warning"
         rpc(client, "SetLogLevel", {"level": "info"})
+
+
+def test_a_forwarded_for_header_does_not_change_who_a_call_is_logged_as(
+    daemon: DaemonProcess,
+) -> None:
+    """X-Forwarded-For from a local client is not trusted: the log names the real peer."""
+    with daemon.client(headers={"X-Forwarded-For": "203.0.113.9"}) as client:
+        rpc(client, "SetLogLevel", {"level": "warning"})
+        wait_for("the announcement", lambda: "log level set to warning" in daemon.log(), 10)
+        rpc(client, "SetLogLevel", {"level": "info"})
+    line = next(line for line in daemon.log().splitlines() if "log level set to warning" in line)
+    assert "by 127.0.0.1:" in line
+    assert "203.0.113.9" not in daemon.log()
