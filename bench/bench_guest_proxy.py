@@ -1,30 +1,44 @@
 """/guest/SysInfo latency through the daemon's proxy against a direct call to the agent.
 
-One VM boots with the development image. Each round, N calls go through the daemon
-(HTTP -> /guest proxy -> serial channel -> agent) and N go straight to the agent over QEMU's end
-of its virtio-serial socket with the same channel code, which needs the daemon gone: it is
-killed (the VM keeps running) and started again (it adopts the VM). The order flips every round
-(through, kill, straight; then straight, start, through) so that the guest's speed under TCG,
-which drifts with the host's load, hits both alike, and the median of the rounds' own ratios is
-printed beside the ratio of the overall medians. The HTTP client is a minimal keep-alive one
-(one write per request, TCP_NODELAY, as in bench_prpc), so the figure is the daemon's, not a
-client library's. p50/p99 of both, per round and overall, and the ratio are printed; nothing
-passes or fails on a time.
+One VM boots with the development image. Calls go in blocks that alternate between the two
+paths, on the same channel at the same moments of the guest's life:
 
-    .venv/bin/python bench/bench_guest_proxy.py [--calls 200] [--rounds 3]
+- through the daemon, over its TCP and its Unix listener: HTTP -> /guest proxy -> the daemon's
+  serial connection -> agent;
+- straight to the agent, over that very connection, with the same channel code. The bench
+  takes a duplicate of the daemon's descriptor (pidfd_getfd) and stops the daemon (SIGSTOP)
+  while its block runs, so only the bench reads the answers; SIGCONT ends the block.
+
+A TCG guest's speed drifts by a third within seconds on a shared host, so blocks are short
+(``--block`` calls) and many; each path leads in turn, and the first call of each block is
+dropped (the side that was stopped wakes cold). Printed: p50/p99 of both, the
+ratio of the medians, the median of the blocks' own ratios, and the daemon's CPU time per
+proxied call (schedstat: what the proxy costs, whatever the guest's speed). The HTTP client is
+a minimal keep-alive one (one write per request, TCP_NODELAY, as in bench_prpc), so the figure
+is the daemon's, not a client library's. Nothing passes or fails on a time.
+
+    .venv/bin/python bench/bench_guest_proxy.py [--blocks 42] [--block 25]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import json
+import os
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,6 +49,7 @@ from tests.support.guest_image import ensure_guest_image  # noqa: E402
 from tests.support.short_dirs import short_dir  # noqa: E402
 
 COMPOSE = json.dumps({"runner": "docker-compose"})
+SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (5.6+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -42,98 +57,184 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
-async def direct(socket_path: Path, calls: int) -> list[float]:
-    client = GuestAgentClient(SerialTransport(socket_path))
-    samples = []
+def daemon_channel_fd(daemon_pid: int, agent_socket: Path) -> int:
+    """The daemon's descriptor for its connection to QEMU's end of ``agent_socket``."""
+    lines = subprocess.run(["ss", "-xpnH"], capture_output=True, text=True, check=True,
+                           timeout=30).stdout.splitlines()
+    # Columns: netid state recv-q send-q local-address local-inode peer-address peer-inode users
+    rows = [line.split() for line in lines]
+    qemu_end = next(row for row in rows if len(row) > 7 and row[4] == str(agent_socket)
+                    and row[1] == "ESTAB")
+    ours = next(row for row in rows if len(row) > 8 and row[5] == qemu_end[7])
+    marker = f"pid={daemon_pid},fd="
+    users = " ".join(ours[8:])
+    return int(users.split(marker, 1)[1].split(")", 1)[0])
+
+
+def duplicate_fd(pid: int, fd: int) -> int:
+    pidfd = os.pidfd_open(pid)
     try:
-        await client.call("SysInfo", timeout=30)  # connect and warm up
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            await client.call("SysInfo")
-            samples.append(time.perf_counter() - t0)
+        libc = ctypes.CDLL(None, use_errno=True)
+        new = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if new < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+        return int(new)
     finally:
-        await client.close()
-    return samples
+        os.close(pidfd)
 
 
-async def proxied(base_url: str, vm_id: str, calls: int) -> list[float]:
-    address = urlsplit(base_url)
-    reader, writer = await asyncio.open_connection(address.hostname, address.port)
-    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    body = json.dumps({"id": vm_id}).encode()
-    request = (f"POST /guest/SysInfo?json HTTP/1.1\r\nHost: bench\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-               ).encode() + body
+def sched_ns(pid: int) -> int:
+    """CPU time of all the process's threads, in ns (schedstat: exact, not tick-sampled)."""
+    return sum(int((task / "schedstat").read_text().split()[0])
+               for task in Path(f"/proc/{pid}/task").iterdir())
 
-    async def one() -> None:
-        writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
+
+def wait_stopped(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        if time.monotonic() > deadline:
+            raise TimeoutError("the daemon did not stop")
+        time.sleep(0.001)
+
+
+class HttpClient:
+    """One keep-alive connection posting the same request."""
+
+    def __init__(self, address: str | Path, vm_id: str) -> None:
+        self.address = address  # a base URL (TCP), or the path of the Unix listener
+        body = json.dumps({"id": vm_id}).encode()
+        self.request = (f"POST /guest/SysInfo?json HTTP/1.1\r\nHost: bench\r\n"
+                        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                        ).encode() + body
+
+    async def open(self) -> None:
+        if isinstance(self.address, Path):
+            self.reader, self.writer = await asyncio.open_unix_connection(self.address)
+            return
+        url = urlsplit(self.address)
+        self.reader, self.writer = await asyncio.open_connection(url.hostname, url.port)
+        self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def call(self) -> None:
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"/guest/SysInfo: {head[:80]!r}")
+            raise RuntimeError(f"/guest/SysInfo: {head[:12]!r} {await self.reader.read(400)!r}")
         length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
                       if line.lower().startswith(b"content-length:"))
-        await reader.readexactly(length)
+        await self.reader.readexactly(length)
 
+
+async def timed(call: Callable[[], Awaitable[object]], count: int) -> list[float]:
     samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        await asyncio.wait_for(call(), 30)
+        samples.append(time.perf_counter() - t0)
+    return samples[1:]  # the first call of a block wakes a cold side
+
+
+Block = dict[str, list[float]]  # side -> latencies
+SIDES = ("direct", "tcp", "unix")
+
+
+async def alternate(daemon_pid: int, listeners: dict[str, str | Path], vm_id: str,
+                    agent_socket: Path, *, blocks: int, block: int) -> tuple[list[Block], int]:
+    """The latencies of each side per block, and the daemon's CPU ns in the proxied blocks."""
+    clients = {side: HttpClient(address, vm_id) for side, address in listeners.items()}
+    for client in clients.values():
+        await client.open()
+        await client.call()  # the daemon connects its channel, which the direct side then shares
+    channel_fd = daemon_channel_fd(daemon_pid, agent_socket)
+
+    async def shared() -> socket.socket:
+        sock = socket.socket(fileno=duplicate_fd(daemon_pid, channel_fd))
+        sock.setblocking(False)
+        return sock
+
+    async def direct_block() -> list[float]:
+        # A client per block: between blocks nothing of the bench's reads the shared socket
+        # (closing a duplicate leaves the daemon's connection open).
+        agent = GuestAgentClient(SerialTransport(agent_socket, connect=shared))
+        try:
+            return await timed(lambda: agent.call("SysInfo"), block)
+        finally:
+            await agent.close()
+
+    results = []
+    daemon_cpu = 0
     try:
-        await one()  # warm-up
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            await one()
-            samples.append(time.perf_counter() - t0)
+        for n in range(blocks):
+            samples: Block = {}
+            for side in SIDES[n % 3:] + SIDES[:n % 3]:  # each side leads in turn
+                if side == "direct":
+                    os.kill(daemon_pid, signal.SIGSTOP)
+                    try:
+                        wait_stopped(daemon_pid)
+                        samples[side] = await direct_block()
+                    finally:
+                        os.kill(daemon_pid, signal.SIGCONT)
+                else:
+                    before = sched_ns(daemon_pid)
+                    samples[side] = await timed(clients[side].call, block)
+                    daemon_cpu += sched_ns(daemon_pid) - before
+            results.append(samples)
     finally:
-        writer.close()
-    return samples
+        for client in clients.values():
+            client.writer.close()
+    return results, daemon_cpu
+
+
+def boot(daemon_url: str, image_name: str) -> str:
+    with httpx.Client(base_url=daemon_url, timeout=30) as client:
+        vm_id: str = client.post("/prpc/CreateVm?json", json={
+            "name": "bench", "image": image_name, "compose_file": COMPOSE, "vcpu": 1,
+            "memory": 512, "disk_size": 2}).json()["id"]
+        deadline = time.monotonic() + 180
+        while client.post("/prpc/GetInfo?json", json={"id": vm_id}).json()["info"][
+                "boot_progress"] != "done":
+            if time.monotonic() > deadline:
+                raise TimeoutError("the VM did not finish booting")
+            time.sleep(0.2)
+    return vm_id
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--blocks", type=int, default=42)
+    parser.add_argument("--block", type=int, default=25, help="calls per block (one dropped)")
     args = parser.parse_args()
     image = ensure_guest_image()
-    rounds: list[tuple[list[float], list[float]]] = []
     with short_dir("bg") as workdir:
         config = f'[image]\npath = "{image.parent}"\n[cvm]\naccel = "tcg"\n'
-        daemon = start_daemon(workdir, extra_config=config)
+        daemon = start_daemon(workdir, addresses=["tcp:127.0.0.1:0", "unix:./vmm.sock"],
+                              extra_config=config)
         try:
-            with daemon.client() as client:
-                vm_id = client.post("/prpc/CreateVm?json", json={
-                    "name": "bench", "image": image.name, "compose_file": COMPOSE, "vcpu": 1,
-                    "memory": 512, "disk_size": 2}).json()["id"]
-                deadline = time.monotonic() + 180
-                while client.post("/prpc/GetInfo?json", json={"id": vm_id}).json()["info"][
-                        "boot_progress"] != "done":
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("the VM did not finish booting")
-                    time.sleep(0.2)
+            vm_id = boot(daemon.base_url, image.name)
             agent_socket = workdir / "state" / "vm" / vm_id / "agent.sock"
-            for n in range(args.rounds):
-                if n % 2 == 0:  # the daemon is up: through it first, then straight
-                    via = asyncio.run(proxied(daemon.base_url, vm_id, args.calls))
-                    daemon.kill()  # SIGKILL: the VM lives on, and its agent socket is free again
-                    straight = asyncio.run(direct(agent_socket, args.calls))
-                else:  # the daemon is down: straight first, then through it
-                    straight = asyncio.run(direct(agent_socket, args.calls))
-                    daemon = start_daemon(workdir, extra_config=config)
-                    via = asyncio.run(proxied(daemon.base_url, vm_id, args.calls))
-                rounds.append((straight, via))
+            listeners: dict[str, str | Path] = {"tcp": daemon.base_url, "unix": daemon.unix[0]}
+            blocks, daemon_cpu = asyncio.run(alternate(
+                daemon.pid, listeners, vm_id, agent_socket, blocks=args.blocks, block=args.block))
         finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(daemon.pid, signal.SIGCONT)
             daemon.destroy()
-    for n, (straight, via) in enumerate(rounds, 1):
-        print(f"round {n}: direct p50 {statistics.median(straight) * 1e3:6.2f} ms, via proxy p50 "
-              f"{statistics.median(via) * 1e3:6.2f} ms, ratio "
-              f"{statistics.median(via) / statistics.median(straight):.2f}")
-    straight = [x for r in rounds for x in r[0]]
-    proxied_all = [x for r in rounds for x in r[1]]
-    for label, values in (("direct to the agent (serial)", straight),
-                          ("via /guest proxy", proxied_all)):
-        print(f"{label:30s} p50 {statistics.median(values) * 1e3:7.2f} ms   "
+    every = {side: [x for b in blocks for x in b[side]] for side in SIDES}
+    labels = {"direct": "direct to the agent (serial)", "tcp": "via /guest, TCP listener",
+              "unix": "via /guest, Unix listener"}
+    for side in SIDES:
+        values = every[side]
+        print(f"{labels[side]:30s} p50 {statistics.median(values) * 1e3:7.2f} ms   "
               f"p99 {percentile(values, 0.99) * 1e3:7.2f} ms   ({len(values)} calls)")
-    ratio = statistics.median(proxied_all) / statistics.median(straight)
-    per_round = [statistics.median(via) / statistics.median(direct) for direct, via in rounds]
-    print(f"ratio p50 proxy/direct         {ratio:.2f}  (median of the rounds' own: "
-          f"{statistics.median(per_round):.2f})")
+    proxied_calls = 2 * len(blocks) * args.block
+    print(f"daemon CPU per proxied call     {daemon_cpu / 1e3 / proxied_calls:.0f} us")
+    direct = statistics.median(every["direct"])
+    for side in ("tcp", "unix"):
+        own = sorted(statistics.median(b[side]) / statistics.median(b["direct"]) for b in blocks)
+        print(f"{side:4s}: added p50 {(statistics.median(every[side]) - direct) * 1e3:.2f} ms, "
+              f"ratio p50 proxy/direct {statistics.median(every[side]) / direct:.2f} "
+              f"(median of the {len(blocks)} blocks' own: {statistics.median(own):.2f}, "
+              f"quartiles {own[len(own) // 4]:.2f} / {own[3 * len(own) // 4]:.2f}; aim <= 1.10)")
 
 
 if __name__ == "__main__":

@@ -194,10 +194,15 @@ class _FrameChannel(asyncio.Protocol):
 
 
 class SerialTransport:
-    """Frames over the Unix socket QEMU serves for a virtio-serial port; calls multiplexed."""
+    """Frames over the Unix socket QEMU serves for a virtio-serial port; calls multiplexed.
 
-    def __init__(self, socket_path: Path) -> None:
+    ``connect``, when given, hands over an already connected Unix socket instead of connecting
+    to ``socket_path`` (which still names the channel in messages): a bench shares the daemon's.
+    """
+
+    def __init__(self, socket_path: Path, connect: SocketFactory | None = None) -> None:
         self.socket_path = socket_path
+        self._connect = connect
         self._channel: _FrameChannel | None = None
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         # Random start: ids from before a daemon restart never match this run's calls.
@@ -235,8 +240,12 @@ class SerialTransport:
                 raise ConnectionError("channel closed")
             if self._channel is not None and self._channel.is_open():
                 return self._channel
-            _, channel = await asyncio.get_running_loop().create_unix_connection(
-                lambda: _FrameChannel(self._pending, self.socket_path), str(self.socket_path))
+            loop = asyncio.get_running_loop()
+            make = lambda: _FrameChannel(self._pending, self.socket_path)  # noqa: E731
+            if self._connect is None:
+                _, channel = await loop.create_unix_connection(make, str(self.socket_path))
+            else:
+                _, channel = await loop.create_unix_connection(make, sock=await self._connect())
             self._channel = channel
             return channel
 

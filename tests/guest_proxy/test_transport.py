@@ -91,6 +91,29 @@ def test_concurrent_calls_are_multiplexed(short_dir: Path) -> None:
     run(scenario())
 
 
+def test_a_transport_given_a_connected_socket_speaks_over_it(short_dir: Path) -> None:
+    """With a socket factory, calls go over the socket it hands over, not to socket_path."""
+    async def scenario() -> None:
+        server = await asyncio.start_unix_server(frame_peer, str(short_dir / "agent.sock"))
+        handed: list[socket.socket] = []
+
+        async def connect() -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, str(short_dir / "agent.sock"))
+            handed.append(sock)
+            return sock
+
+        client = GuestAgentClient(SerialTransport(short_dir / "elsewhere.sock", connect=connect))
+        try:
+            assert (await client.call("Ping", {"n": 1}))["path"] == "/api/Ping?json"
+            assert len(handed) == 1
+        finally:
+            await client.close()
+            server.close()
+    run(scenario())
+
+
 def test_garbage_between_frames_is_skipped(short_dir: Path) -> None:
     """Stray bytes and fake magic between frames do not break the stream."""
     async def scenario() -> None:
