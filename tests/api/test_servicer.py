@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from google.protobuf.empty_pb2 import Empty
 
 from tests.conftest import make_image
 from tests.support.daemon_proc import DaemonProcess, start_daemon
+from tests.support.in_process import in_process_config, state_dir
 from tests.support.kms_peer import KmsPeer, expected_answer
 from vmm import __version__
+from vmm.api.servicer import VmmServicer
+from vmm.daemon import Daemon
+from vmm.model import images
+from vmm.prpc.bridge import CallContext
 from vmm.rpc import prpc_pb2
 from vmm.rpc import vmm_rpc_pb2 as pb
 
@@ -81,6 +89,30 @@ def test_list_images_skips_broken_images(daemon: DaemonProcess) -> None:
     log = daemon.log()
     for name in ("broken-json", "old-0.4.0", "escapes", "missing-kernel"):
         assert f"skipping image '{name}'" in log
+
+
+def test_list_images_reads_the_image_directory_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ListImages reads every image's metadata in a worker thread, not on the loop's thread."""
+    readers: list[int] = []
+    real = images.list_images
+
+    def recording(images_dir: Path) -> list[images.Image]:
+        readers.append(threading.get_ident())
+        return real(images_dir)
+
+    monkeypatch.setattr(images, "list_images", recording)
+    with state_dir("vmmli") as state:
+        servicer = VmmServicer(Daemon(in_process_config(state)))
+
+        async def scenario() -> tuple[int, pb.ImageListResponse]:
+            ctx = CallContext(request_id="r", client="test", headers={})
+            return threading.get_ident(), await servicer.ListImages(Empty(), ctx)
+
+        loop_thread, reply = asyncio.run(scenario())
+    assert {image.name for image in reply.images} == {"dstack-0.5.3", "dstack-dev-0.5.4"}
+    assert readers and loop_thread not in readers
 
 
 def test_get_compose_hash_is_sha256_of_the_exact_bytes(daemon: DaemonProcess) -> None:

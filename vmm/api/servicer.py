@@ -130,7 +130,9 @@ class VmmServicer:
         return Empty()
 
     async def ListImages(self, request: Empty, ctx: CallContext) -> pb.ImageListResponse:
-        found = images.list_images(Path(self.config.image.path))
+        # Every image's metadata is read from disk: in a worker thread, so a slow or stuck
+        # image directory (a network mount) holds this call and never the event loop.
+        found = await asyncio.to_thread(images.list_images, Path(self.config.image.path))
         return pb.ImageListResponse(
             images=[
                 pb.ImageInfo(
