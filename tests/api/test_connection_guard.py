@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from uvicorn.server import ServerState
 
-from vmm.api.connection_guard import Deadlines, GuardedHttpProtocol, ListenerSlots, protocol_factory
+from vmm.api.connection_guard import (
+    MAX_HEAD,
+    Deadlines,
+    GuardedHttpProtocol,
+    ListenerSlots,
+    protocol_factory,
+)
 
 
 async def echo(request: Request) -> Response:
@@ -122,5 +129,45 @@ def test_a_head_sent_in_pieces_is_served_once_complete() -> None:
                 await writer.drain()
                 await asyncio.sleep(0.05)
             assert (await read_response(reader))[1] == b"/pieces:"
+
+    asyncio.run(scenario())
+
+
+def test_a_head_that_never_ends_gets_a_431_before_it_grows_the_daemon() -> None:
+    """An endless header: a 431 once the head passes MAX_HEAD, then the connection closes."""
+    async def scenario() -> None:
+        async with connection() as (_, slots, reader, writer):
+            writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Endless: ")
+            answer_read = asyncio.ensure_future(reader.read())  # until the server closes
+            sent = 0
+            while not answer_read.done() and sent < 4 * 1024 * 1024:
+                writer.write(b"a" * 16384)
+                sent += 16384
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                await asyncio.sleep(0.001)  # the server reads each piece on its own
+            async with asyncio.timeout(30):
+                answer = await answer_read
+            assert answer.startswith(b"HTTP/1.1 431")
+            assert b"request head larger than" in answer
+            # Refused within one read of the bound, not after megabytes.
+            assert sent <= MAX_HEAD + 2 * 256 * 1024
+            assert not slots.open
+
+    asyncio.run(scenario())
+
+
+def test_a_large_but_bounded_head_sent_in_pieces_is_served() -> None:
+    """A 40 KiB head (many headers), sent over several reads, is within the bound and answered."""
+    async def scenario() -> None:
+        async with connection() as (_, _slots, reader, writer):
+            head = b"GET /big HTTP/1.1\r\nHost: t\r\n" + b"".join(
+                f"X-H{i}: {'v' * 400}\r\n".encode() for i in range(100)) + b"\r\n"
+            assert MAX_HEAD // 2 < len(head) < MAX_HEAD
+            for start in range(0, len(head), 4096):
+                writer.write(head[start:start + 4096])
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            assert (await read_response(reader))[1] == b"/big:"
 
     asyncio.run(scenario())

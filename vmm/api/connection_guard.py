@@ -10,6 +10,9 @@ exhausted the daemon's descriptors. ``GuardedHttpProtocol`` adds:
   kept-alive connection) until the request head is complete; then the client gets a 408;
 - a body deadline, from the end of the head until the end of the body; then the connection is
   closed, and the handler already running sees the client leave;
+- a bound on a request head's size (``MAX_HEAD``): the parser keeps a head's pieces until it is
+  complete, so one endless header would otherwise grow the daemon's memory (and its copying)
+  for as long as the head deadline lasts; the client gets a 431;
 - one write per response (``vmm.api.write_batch``) instead of one per part;
 - a cap per listener: a connection past it makes room by closing the listener's connection
   that has waited longest for a request head (the cheapest to lose and, under a slow-client
@@ -38,6 +41,11 @@ from vmm.api.write_batch import BatchedWrites
 log = logging.getLogger(__name__)
 
 LOG_INTERVAL = 10.0
+
+# Bytes a request head may take, counted over the reads after the one it begins in (so a head is
+# refused somewhere between this and this plus one read of at most 256 KiB). h11 allowed 16 KiB;
+# a browser's head with cookies is a few KiB.
+MAX_HEAD = 64 * 1024
 
 
 class ThrottledLog:
@@ -111,6 +119,9 @@ class ListenerSlots:
         self.head_timeouts = ThrottledLog(
             f"{name}: closed %d connection(s) that did not send a request head in time"
         )
+        self.head_too_large = ThrottledLog(
+            f"{name}: closed %d connection(s) whose request head passed {MAX_HEAD // 1024} KiB"
+        )
         self.body_timeouts = ThrottledLog(
             f"{name}: closed %d connection(s) that did not send a request body in time"
         )
@@ -175,6 +186,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._awaiting: Literal["head", "body"] | None = None
         self._incoming: Incoming = "idle"  # the part of the next request being received
         self._outstanding = 0  # requests whose head is in and whose response is not complete
+        self._head_bytes = 0  # of the head being received, in the reads after its first
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -195,7 +207,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        in_head = self._incoming == "head"
         super().data_received(data)
+        if in_head and self._incoming == "head" and not self.transport.is_closing():
+            # The whole read went into a head that is still not complete.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._refuse_head()
+                return
         self._follow_request()
 
     # The parser's callbacks, in the order a request goes through them.
@@ -205,6 +224,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._incoming = "body"
+        self._head_bytes = 0
         self._outstanding += 1
         super().on_headers_complete()
 
@@ -236,6 +256,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         )
         if in_hand:
             self.transport.write(plain_response(400, msg))
+        self.transport.close()
+
+    def _refuse_head(self) -> None:
+        self._expect(None)
+        self.slots.head_too_large.count()
+        message = f"request head larger than {MAX_HEAD // 1024} KiB"
+        if self._outstanding == 0:  # no answer owed to an earlier request on this connection
+            self.transport.write(plain_response(431, message))
         self.transport.close()
 
     def close(self) -> None:
