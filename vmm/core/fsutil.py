@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 
 
@@ -44,7 +45,10 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     The directory is fsynced too: a rename that is not durable could bring back the old
     content after a power loss.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # A scratch name of this thread's own: two threads writing the same file at once (an RPC
+    # and a guest's notice recording the same VM state) must not truncate or rename each
+    # other's scratch file; the last rename wins whole.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         write_synced(tmp, data, mode)
         tmp.replace(path)

@@ -45,7 +45,8 @@ def last_version() -> int:
 
 # Fields whose change does not change what the VM reports (``info``): setting them keeps the
 # version, so a cached encoding of the VM stays valid.
-_UNREPORTED = frozenset({"version", "lock", "background", "disk_stamp", "on_event", "launched_at"})
+_UNREPORTED = frozenset({"version", "lock", "desired_lock", "background", "disk_stamp", "on_event",
+                         "launched_at"})
 _UNSET = object()
 
 
@@ -65,6 +66,9 @@ class Vm:
     instance_id: str = ""
     events: deque[pb.GuestEvent] = field(default_factory=lambda: deque(maxlen=20))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Orders the records of ``started`` (disk, then memory): taken by callers that may or may
+    # not hold ``lock`` (an RPC holds it, a guest's power-off notice does not).
+    desired_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     background: set[asyncio.Task[None]] = field(default_factory=set)
     app_url: str = ""
     # Where the VM's events go besides its ring: the daemon's event bus (vms/events), handed

@@ -367,10 +367,16 @@ class Manager:
         vm.add_event("vmm.shutdown", f"forced: no power-off within {timeout:g}s, hard stop")
 
     async def set_desired(self, vm: Vm, started: bool) -> None:
-        """Record (on disk, then in memory) whether the VM should run."""
-        if vm.started != started or not vm.workdir.state.exists():
-            await asyncio.to_thread(vm.workdir.write_desired, DesiredState(started=started))
-        vm.started = started
+        """Record (on disk, then in memory) whether the VM should run.
+
+        One record at a time per VM: ShutdownVm and the guest's own "powering off" notice
+        record it together, and two records interleaved could leave memory saying one thing
+        and ``vm-state.json`` the other.
+        """
+        async with vm.desired_lock:
+            if vm.started != started or not vm.workdir.state.exists():
+                await asyncio.to_thread(vm.workdir.write_desired, DesiredState(started=started))
+            vm.started = started
 
     # -- remove -------------------------------------------------------------------------------
 
