@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from uvicorn.server import ServerState
 
-from vmm.api.connection_guard import (
-    MAX_HEAD,
-    Deadlines,
-    GuardedHttpProtocol,
-    ListenerSlots,
-    protocol_factory,
-)
+from tests.support.guarded_http import guarded_connection
+from vmm.api.connection_guard import MAX_HEAD, GuardedHttpProtocol, ListenerSlots
 
 
 async def echo(request: Request) -> Response:
@@ -39,21 +31,9 @@ async def connection(
     head: float = 30, body: float = 30
 ) -> AsyncIterator[tuple[GuardedHttpProtocol, ListenerSlots, asyncio.StreamReader,
                          asyncio.StreamWriter]]:
-    """One guarded server connection and the client's end of it."""
-    config = uvicorn.Config(APP, log_config=None, access_log=False, lifespan="off", ws="none")
-    config.load()
-    slots = ListenerSlots("test", 10)
-    factory = protocol_factory(config, ServerState(), {}, slots, Deadlines(head=head, body=body))
-    ours, theirs = socket.socketpair()
-    transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(
-        factory, sock=ours)
-    assert isinstance(protocol, GuardedHttpProtocol)
-    reader, writer = await asyncio.open_connection(sock=theirs)
-    try:
-        yield protocol, slots, reader, writer
-    finally:
-        writer.close()
-        transport.close()
+    """One guarded server connection to APP and the client's end of it."""
+    async with guarded_connection(APP, head=head, body=body) as served:
+        yield served.protocol, served.slots, served.reader, served.writer
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:

@@ -6,14 +6,12 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from uvicorn.server import ServerState
 
-from vmm.api.connection_guard import Deadlines, GuardedHttpProtocol, ListenerSlots, protocol_factory
+from tests.support.guarded_http import guarded_connection
 from vmm.api.write_batch import FLUSH_AT, BatchedWrites
 
 
@@ -35,23 +33,11 @@ APP = Starlette(routes=[Route("/small", small), Route("/streamed", streamed)])
 
 async def serve_one(path: str) -> tuple[bytes, int]:
     """(the raw answer to one GET of ``path``, the writes the protocol handed to the socket)."""
-    config = uvicorn.Config(APP, log_config=None, access_log=False, lifespan="off", ws="none")
-    config.load()
-    factory = protocol_factory(config, ServerState(), {}, ListenerSlots("test", 10),
-                               Deadlines(head=30, body=30))
-    ours, theirs = socket.socketpair()
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.connect_accepted_socket(factory, sock=ours)
-    assert isinstance(protocol, GuardedHttpProtocol)
-    reader, writer = await asyncio.open_connection(sock=theirs)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+    async with guarded_connection(APP) as served:
+        served.writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
         async with asyncio.timeout(30):
-            answer = await reader.read()  # until the server closes
-        return answer, protocol.batch.flushes
-    finally:
-        writer.close()
-        transport.close()
+            answer = await served.reader.read()  # until the server closes
+        return answer, served.protocol.batch.flushes
 
 
 def test_a_small_response_leaves_in_one_write() -> None:

@@ -33,6 +33,21 @@ def replace_atomically(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def queue_limit() -> int:
+    """The kernel's inotify queue length; skips a test that must overflow a huge one."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 200_000:
+        pytest.skip(f"max_queued_events is {limit}: too many events to force an overflow")
+    return limit
+
+
+def made_dirs(parent: Path, *names: str) -> list[Path]:
+    paths = [parent / name for name in names]
+    for path in paths:
+        path.mkdir()
+    return paths
+
+
 @pytest.fixture
 def watch() -> Iterator[DirWatch]:
     found = DirWatch()
@@ -162,12 +177,8 @@ def test_keys_beyond_the_watch_limit_stay_dirty(tmp_path: Path) -> None:
 
 def test_a_queue_overflow_makes_every_key_dirty(tmp_path: Path, watch: DirWatch) -> None:
     """Events lost to IN_Q_OVERFLOW (forced for real) dirty keys that had none themselves."""
-    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
-    if limit > 200_000:
-        pytest.skip(f"max_queued_events is {limit}: too many events to force an overflow")
-    busy, quiet = tmp_path / "busy", tmp_path / "quiet"
-    busy.mkdir()
-    quiet.mkdir()
+    limit = queue_limit()
+    busy, quiet = made_dirs(tmp_path, "busy", "quiet")
     assert settled(watch, "busy", busy, names=None)
     assert settled(watch, "quiet", quiet)
     files = [busy / "a", busy / "b"]
@@ -184,12 +195,8 @@ def test_a_queue_overflow_makes_every_key_dirty(tmp_path: Path, watch: DirWatch)
 def test_polling_between_bursts_avoids_the_overflow(tmp_path: Path, watch: DirWatch) -> None:
     """Two bursts of 60% of the queue each: read in between (the watcher's drain), nothing is
     lost and a quiet key stays clean; read only at the end, they overflow it."""
-    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
-    if limit > 200_000:
-        pytest.skip(f"max_queued_events is {limit}: too many events to force an overflow")
-    busy, quiet = tmp_path / "busy", tmp_path / "quiet"
-    busy.mkdir()
-    quiet.mkdir()
+    limit = queue_limit()
+    busy, quiet = made_dirs(tmp_path, "busy", "quiet")
     files = [busy / "serial.log", busy / "stdout.log"]
     for path in files:
         path.write_bytes(b"")

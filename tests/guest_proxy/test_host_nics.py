@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +50,19 @@ async def agent_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
         writer.close()
 
 
+async def network_info(short_dir: Path, **proxy_options: Any) -> gpb.NetworkInformation:
+    """NetworkInfo of VM "vm1" through a GuestProxyServicer (given ``proxy_options``) to agent_peer."""
+    server = await asyncio.start_unix_server(agent_peer, str(short_dir / "agent.sock"))
+    client = GuestAgentClient(SerialTransport(short_dir / "agent.sock"))
+    try:
+        proxy = GuestProxyServicer(lambda vm_id: client, **proxy_options)
+        return await asyncio.wait_for(proxy.NetworkInfo(gpb.Id(id="vm1"), CTX), 30)
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
 def test_network_info_carries_the_hosts_nics_not_the_guests(short_dir: Path) -> None:
     """The agent's interfaces pass through; host_nics are the host's, for the VM asked about,
     and whatever the agent put there is dropped."""
@@ -58,18 +72,7 @@ def test_network_info_carries_the_hosts_nics_not_the_guests(short_dir: Path) -> 
         asked.append(vm_id)
         return HOST_NICS
 
-    async def scenario() -> gpb.NetworkInformation:
-        server = await asyncio.start_unix_server(agent_peer, str(short_dir / "agent.sock"))
-        client = GuestAgentClient(SerialTransport(short_dir / "agent.sock"))
-        try:
-            proxy = GuestProxyServicer(lambda vm_id: client, host_nics=host_nics)
-            return await asyncio.wait_for(proxy.NetworkInfo(gpb.Id(id="vm1"), CTX), 30)
-        finally:
-            await client.close()
-            server.close()
-            await server.wait_closed()
-
-    answer = asyncio.run(scenario())
+    answer = asyncio.run(network_info(short_dir, host_nics=host_nics))
     assert asked == ["vm1"]
     assert list(answer.host_nics) == HOST_NICS
     assert answer.interfaces[0].name == "eth0"
@@ -79,17 +82,6 @@ def test_network_info_carries_the_hosts_nics_not_the_guests(short_dir: Path) -> 
 
 def test_without_a_host_view_host_nics_stay_empty(short_dir: Path) -> None:
     """A proxy given no host_nics callable still drops what the agent claimed there."""
-    async def scenario() -> gpb.NetworkInformation:
-        server = await asyncio.start_unix_server(agent_peer, str(short_dir / "agent.sock"))
-        client = GuestAgentClient(SerialTransport(short_dir / "agent.sock"))
-        try:
-            proxy = GuestProxyServicer(lambda vm_id: client)
-            return await asyncio.wait_for(proxy.NetworkInfo(gpb.Id(id="vm1"), CTX), 30)
-        finally:
-            await client.close()
-            server.close()
-            await server.wait_closed()
-
-    answer = asyncio.run(scenario())
+    answer = asyncio.run(network_info(short_dir))
     assert len(answer.host_nics) == 0
     assert answer.dns_servers == ["10.88.0.1"]
