@@ -9,13 +9,71 @@ import pytest
 
 from tests.conftest import make_image, populate_images
 from vmm.core.exceptions import InvalidField, NotFound
-from vmm.model.images import ImageError, list_images, load_image
+from vmm.model.images import ImageError, ReportedProblems, list_images, load_image
 
 
 def test_listing_skips_broken_images(tmp_path: Path) -> None:
     """Only loadable images are listed, sorted by name."""
     populate_images(tmp_path)
     assert [i.name for i in list_images(tmp_path)] == ["dstack-0.5.3", "dstack-dev-0.5.4"]
+
+
+def _skipped(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The "skipping image" lines logged since the last call, then forgotten."""
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    caplog.clear()
+    return lines
+
+
+def test_a_broken_image_is_logged_once_until_its_problem_changes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A poll does not log a broken image again; a new reason, or a new breakage, does."""
+    reported = ReportedProblems()
+    make_image(tmp_path, "dstack-0.5.3", {"kernel": "k", "initrd": "i", "version": "0.5.3"})
+    broken = make_image(tmp_path, "half", "{not json")
+    caplog.set_level("WARNING", logger="vmm.model.images")
+    list_images(tmp_path, reported)
+    assert _skipped(caplog) == ["skipping image 'half': unreadable metadata.json: "
+                                "Expecting property name enclosed in double quotes: "
+                                "line 1 column 2 (char 1)"]
+    for _ in range(3):
+        assert [i.name for i in list_images(tmp_path, reported)] == ["dstack-0.5.3"]
+    assert _skipped(caplog) == []
+    (broken / "metadata.json").write_text(json.dumps({"kernel": "k", "initrd": "i",
+                                                      "version": "0.4.0"}))
+    list_images(tmp_path, reported)
+    assert [line.split(":")[0] for line in _skipped(caplog)] == ["skipping image 'half'"]
+    (broken / "metadata.json").write_text(json.dumps({"kernel": "k", "initrd": "i",
+                                                      "version": "0.5.1"}))
+    (broken / "k").write_bytes(b"k")
+    (broken / "i").write_bytes(b"i")
+    assert [i.name for i in list_images(tmp_path, reported)] == ["dstack-0.5.3", "half"]
+    assert _skipped(caplog) == []
+    (broken / "metadata.json").write_text(json.dumps({"kernel": "k", "initrd": "i",
+                                                      "version": "0.4.0"}))
+    list_images(tmp_path, reported)
+    assert [line.split(":")[0] for line in _skipped(caplog)] == ["skipping image 'half'"]
+
+
+def test_each_image_directory_keeps_its_own_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same broken entry in two image directories is logged for each; an unreadable
+    directory is logged once per reason, not at every poll."""
+    reported = ReportedProblems()
+    caplog.set_level("WARNING", logger="vmm.model.images")
+    for where in ("one", "two"):
+        make_image(tmp_path / where, "half", "{not json")
+        list_images(tmp_path / where, reported)
+    assert len(_skipped(caplog)) == 2
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    for _ in range(3):
+        assert list_images(not_a_directory, reported) == []
+    unlistable = [r.getMessage() for r in caplog.records]
+    assert len(unlistable) == 1
+    assert unlistable[0].startswith(f"cannot list image directory {not_a_directory}: ")
 
 
 def test_missing_directory_lists_nothing(tmp_path: Path) -> None:

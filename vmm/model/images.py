@@ -3,6 +3,8 @@
 An image directory is ``<image.path>/<name>/``. Its metadata names the kernel, initrd and
 optional rootfs, hda, bios; every path is relative and must resolve to a file inside the
 directory. A broken image is skipped by ListImages with a logged reason; it never fails the call.
+The reason is logged once, not at every listing (the console and scripts poll ListImages), and
+again only if it changes or the image is broken anew after it was mended or removed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,23 +162,59 @@ def delete_image(
         shutil.rmtree(path)
 
 
-def list_images(images_dir: Path) -> list[Image]:
-    """Every loadable image, sorted by name; broken ones are logged and skipped."""
+class ReportedProblems:
+    """What was last logged about each entry of the image directories, per directory.
+
+    A listing logs a problem when it appears or changes, not at every poll. Listings run in
+    worker threads, so the record is locked.
+    """
+
+    def __init__(self) -> None:
+        self._said: dict[tuple[str, str], str] = {}  # (directory, entry) -> message
+        self._lock = threading.Lock()
+
+    def settle(self, directory: Path, problems: dict[str, str]) -> dict[str, str]:
+        """Record ``directory``'s problems now (entry -> message); return those not yet said.
+
+        An entry absent from ``problems`` is forgotten: if it breaks again, that is news.
+        """
+        where = str(directory)
+        with self._lock:
+            for key in [key for key in self._said if key[0] == where and key[1] not in problems]:
+                del self._said[key]
+            news = {entry: message for entry, message in problems.items()
+                    if self._said.get((where, entry)) != message}
+            self._said.update(((where, entry), message) for entry, message in news.items())
+        return news
+
+
+_REPORTED = ReportedProblems()
+_UNLISTABLE = ""  # the entry under which a directory that cannot be read is recorded
+
+
+def list_images(images_dir: Path, reported: ReportedProblems = _REPORTED) -> list[Image]:
+    """Every loadable image, sorted by name; broken ones are skipped, each logged once."""
     try:
         # Dot-names are work areas (a pull's staging directory), never images.
         entries = sorted(p for p in images_dir.iterdir()
                          if p.is_dir() and not p.name.startswith("."))
     except FileNotFoundError:
+        reported.settle(images_dir, {})
         return []
     except OSError as exc:
-        log.warning("cannot list image directory %s: %s", images_dir, exc)
+        for message in reported.settle(images_dir, {_UNLISTABLE: str(exc)}).values():
+            log.warning("cannot list image directory %s: %s", images_dir, message)
         return []
     images = []
+    problems: dict[str, str] = {}
     for entry in entries:
         try:
             images.append(load_image(images_dir, entry.name))
         except (ImageError, InvalidField, NotFound) as exc:
-            log.warning("skipping image %r: %s", entry.name, exc.message)
+            # Most reasons begin by naming the image, which the log line does already.
+            problems[entry.name] = exc.message.removeprefix(f"image {entry.name!r}: ")
+    for name, message in reported.settle(images_dir, problems).items():
+        log.warning("skipping image %r: %s", name, message)
     return images
 
 
