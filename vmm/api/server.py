@@ -24,6 +24,7 @@ from starlette.types import ASGIApp
 from vmm.api.connection_guard import Deadlines, ListenerSlots, ThrottledLog, protocol_factory
 from vmm.core.config import Config, ServerConfig, parse_address
 from vmm.core.exceptions import ConfigError
+from vmm.core.http_server import CalmServer
 from vmm.core.unix_socket import SocketPathTaken, bind_private
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def log_fd_exhaustion_once_per_interval(loop: asyncio.AbstractEventLoop) -> None
     loop.set_exception_handler(handler)
 
 
-class _GuardedServer(uvicorn.Server):
+class _GuardedServer(CalmServer):
     """A uvicorn server that serves each listener with the connection guard."""
 
     def __init__(self, config: uvicorn.Config, limits: ServerConfig) -> None:

@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from vmm.core.exceptions import BadRequest, VmmError
+from vmm.core.http_server import CalmServer
 from vmm.core.names import VM_ID, check_name
 from vmm.core.unix_socket import SocketPathTaken, bind_private
 from vmm.supervisor.files import atomic_write
@@ -154,8 +155,8 @@ def build_app(table: ProcessTable, request_exit: Callable[[], None]) -> Starlett
 # ---- process lifetime --------------------------------------------------------------------
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server minus its signal handling.
+class _Server(CalmServer):
+    """uvicorn's server minus its signal handling, and asleep while idle (``CalmServer``).
 
     uvicorn re-raises a captured SIGTERM after a graceful shutdown, which would turn our clean
     exit into death-by-signal; the supervisor installs its own handlers on the loop instead.
@@ -207,7 +208,7 @@ async def _serve(options: Options, sock: socket.socket) -> int:
         return EXIT_STARTUP
 
     def request_exit() -> None:
-        server.should_exit = True
+        server.ask_exit()
 
     server = _Server(
         uvicorn.Config(
