@@ -6,12 +6,14 @@ figure is printed next to a floor measured in the same run, and as a ratio to it
 - Status (brief, then full) p50/p99 over N calls, floor: Version over the same connection;
 - start-up with 1,000 work directories (SIGKILL, restart, until Version answers), floor: the
   same with an empty run directory, the two started in turn;
-- ReloadVms with nothing changed, and with every VM's manifest touched (1,000 "updated").
+- ReloadVms with nothing changed, and with every VM's manifest touched (1,000 "updated");
+- idle (no calls for ``--idle`` seconds): the CPU time and the runs on a CPU (schedstat, all
+  threads) per second of the daemon and of its supervisor, floor: the same with no VM defined.
 
 Aims (issue 4): Status brief p50 <= 25 ms at 1,000 VMs; start-up <= 2 s. It never passes or
 fails on a time; it prints.
 
-    .venv/bin/python bench/bench_scale.py [--vms 1000] [--calls 200] [--restarts 7]
+    .venv/bin/python bench/bench_scale.py [--vms 1000] [--calls 200] [--restarts 7] [--idle 5]
 """
 
 from __future__ import annotations
@@ -96,6 +98,12 @@ class Daemon:
             time.sleep(0.005)
         raise TimeoutError("daemon did not answer")
 
+    def pids(self) -> list[int]:
+        """The daemon's PID and its supervisor's."""
+        assert self.proc is not None
+        supervisor = int((self.state / "run" / "supervisor.pid").read_text())
+        return [self.proc.pid, supervisor]
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
@@ -167,6 +175,24 @@ def timed_call(port: int, method: str) -> tuple[float, bytes]:
     return time.perf_counter() - began, data
 
 
+def idle_load(pids: list[int], seconds: float) -> list[tuple[float, float]]:
+    """Per process: (ms of CPU, runs on a CPU) per second over ``seconds`` of no calls."""
+
+    def sample(pid: int) -> tuple[int, int]:
+        total_ns = runs = 0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a worker thread may end meanwhile
+                ns, _, count = (task / "schedstat").read_text().split()
+                total_ns, runs = total_ns + int(ns), runs + int(count)
+        return total_ns, runs
+
+    before = [sample(pid) for pid in pids]
+    time.sleep(seconds)
+    after = [sample(pid) for pid in pids]
+    return [((a[0] - b[0]) / 1e6 / seconds, (a[1] - b[1]) / seconds)
+            for b, a in zip(before, after, strict=True)]
+
+
 def alternate_starts(empty: Daemon, full: Daemon, pairs: int) -> tuple[list[float], list[float]]:
     """Start-up times of each daemon, started in turn (the leader flips every pair).
 
@@ -186,6 +212,7 @@ def main() -> None:
     parser.add_argument("--vms", type=int, default=1000)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--restarts", type=int, default=7, help="start-ups of each kind")
+    parser.add_argument("--idle", type=float, default=5.0, help="seconds of each idle sample")
     args = parser.parse_args()
     with short_dir("vmmb") as workdir:
         # Two state trees: the floor's run directory stays empty, the other gets the VMs.
@@ -212,7 +239,13 @@ def main() -> None:
                 data = json.loads(manifest.read_text())
                 manifest.write_text(json.dumps(data | {"name": "edited"}))
             reload_all, answer = timed_call(daemon.port, "ReloadVms")
+            time.sleep(1)  # the reload's after-effects settle
+            idle_full = idle_load(daemon.pids(), args.idle)
             daemon.kill()
+            empty.start()
+            time.sleep(1)  # start-up's own work settles
+            idle_empty = idle_load(empty.pids(), args.idle)
+            empty.kill()
             empty_starts, full_starts = alternate_starts(empty, daemon, args.restarts)
         finally:
             empty.destroy()
@@ -238,6 +271,12 @@ def main() -> None:
         print(f"  nothing changed          {statistics.median(reload_same) * 1000:7.1f} ms "
               f"(x{statistics.median(reload_same) * 1000 / fl50:.0f} the Version floor)")
         print(f"  every manifest edited    {reload_all * 1000:7.1f} ms  -> {answer.decode()}")
+        print(f"\nidle, {args.idle:g} s without calls (CPU time and runs on a CPU, all threads)")
+        for name, (floor_load, load) in zip(("daemon", "supervisor"),
+                                            zip(idle_empty, idle_full, strict=True), strict=True):
+            print(f"  {name:<10} no VM (floor) {floor_load[0]:5.2f} ms/s {floor_load[1]:5.1f} runs/s"
+                  f"   {args.vms} VMs {load[0]:5.2f} ms/s {load[1]:5.1f} runs/s "
+                  f"(x{load[0] / floor_load[0]:.1f} the CPU)")
 
 
 if __name__ == "__main__":
